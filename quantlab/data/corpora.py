@@ -17,6 +17,7 @@ Hugging Face row, with an empty row stored as the line " "; the GPTQ papers eval
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -42,6 +43,7 @@ class Corpus:
     source: str  # a file path, "hub:<dataset id>", or "python:pydoc_data.topics"
     standard: bool  # a published benchmark corpus (numbers comparable with papers)
     note: str = ""
+    raw: str | None = None  # the exact file text, when the corpus is one file (llama.cpp reads it)
 
     def text(self, separator: str = DOC_SEPARATOR) -> str:
         return separator.join(self.documents)
@@ -137,14 +139,17 @@ def _wikitext2(split: str, data_root: Path | None) -> Corpus:
     fname = {"test": "wiki.test.raw", "validation": "wiki.valid.raw"}[split]
     path = _local(data_root, "wikitext-2-raw", fname)
     if path is not None:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-        rows = tuple("" if line == " \n" else line for line in lines)
-        return Corpus("wikitext2", split, rows, str(path), standard=True)
+        raw = path.read_text(encoding="utf-8")
+        lines = [line + "\n" for line in raw.split("\n")]
+        lines[-1] = lines[-1][:-1]  # text after the last newline (empty for a well-formed file)
+        rows = tuple("" if line == " \n" else line for line in lines if line)
+        return Corpus("wikitext2", split, rows, str(path), standard=True, raw=raw)
     try:
         rows = _from_hub("Salesforce/wikitext", "wikitext-2-raw-v1", split)
     except DataError as exc:
         raise _unavailable("wikitext2", f"wikitext-2-raw/{fname}", exc) from None
-    return Corpus("wikitext2", split, tuple(rows), "hub:Salesforce/wikitext", standard=True)
+    raw = "".join(row or " \n" for row in rows)  # the file behind the rows (see module doc)
+    return Corpus("wikitext2", split, tuple(rows), "hub:Salesforce/wikitext", True, raw=raw)
 
 
 C4_HUB_FILES = {
@@ -211,7 +216,8 @@ def _from_path(path: Path) -> Corpus:
             docs.append(f.read_text(encoding="utf-8"))
         else:
             raise DataError(f"{f}: a local corpus must be a .txt or .jsonl file")
-    return Corpus(path.name, "all", tuple(docs), str(path), standard=False)
+    raw = docs[0] if files == [path] and path.suffix == ".txt" else None
+    return Corpus(path.name, "all", tuple(docs), str(path), standard=False, raw=raw)
 
 
 def load_corpus(
@@ -245,5 +251,4 @@ def load_corpus(
         if not fallback:
             raise
         corpus = _pydoc("all", root)
-        note = f"fallback: {exc}"
-        return Corpus(corpus.name, corpus.split, corpus.documents, corpus.source, False, note)
+        return dataclasses.replace(corpus, note=f"fallback: {exc}")

@@ -1,0 +1,173 @@
+"""Size, memory, speed and hardware: the cost side of every evaluated artifact.
+
+- Size: bytes on disk (file or folder) and effective bits per weight = 8 * tensor bytes / weights,
+  read from the GGUF tensor table or the safetensors headers (no weights loaded).
+- Memory: peak resident memory (RSS) of this process while a block of work runs. On Linux the peak
+  is reset before the block by writing ``5`` to ``/proc/self/clear_refs`` and read from ``VmHWM``
+  after it; on a GPU, ``torch.cuda.max_memory_allocated`` over the same block.
+- Speed: prefill tokens/s (one prompt of ``prompt_tokens``) and decode tokens/s (``decode_tokens``
+  greedy steps with the KV cache), each the median of ``runs`` timed runs after one warm-up, in the
+  artifact's native runtime (llama.cpp for GGUF, torch otherwise), with the thread count recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SizeResult:
+    bytes_on_disk: int
+    tensor_bytes: int
+    weights: int  # number of stored tensor elements (original parameters)
+    bits_per_weight: float
+
+
+def size_of(path: str | os.PathLike) -> SizeResult:
+    """Size of a GGUF file or an HF folder and its bits per weight."""
+    path = Path(path)
+    files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    on_disk = sum(f.stat().st_size for f in files)
+    if path.suffix == ".gguf":
+        from quantlab.formats.gguf_file import open_gguf
+
+        reader = open_gguf(path)
+        tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
+        weights = sum(int(t.n_elements) for t in reader.tensors)
+    else:
+        from quantlab.models.folder import SAFETENSORS_DTYPE_SIZES, read_safetensors_header
+
+        infos = [t for f in sorted(path.glob("*.safetensors")) for t in read_safetensors_header(f)]
+        tensor_bytes = sum(t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype] for t in infos)
+        weights = sum(t.numel for t in infos)
+    return SizeResult(on_disk, tensor_bytes, weights, 8 * tensor_bytes / max(weights, 1))
+
+
+@dataclass
+class MemoryResult:
+    peak_rss_bytes: int | None = None  # process peak RSS during the block (Linux)
+    cuda_peak_bytes: int | None = None  # torch max allocated during the block (GPU)
+    note: str = ""
+
+
+def _read_hwm() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+@contextmanager
+def peak_memory() -> Iterator[MemoryResult]:
+    """Measure the peak memory of the enclosed block (see module doc)."""
+    result = MemoryResult()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        reset = True
+    except OSError:
+        reset = False
+        result.note = "peak RSS since process start (could not reset the counter)"
+    cuda = False
+    try:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+    except ImportError:  # pragma: no cover - torch is a core dependency
+        pass
+    yield result
+    result.peak_rss_bytes = _read_hwm()
+    if result.peak_rss_bytes is None and not reset:
+        import resource
+
+        result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if cuda:
+        import torch
+
+        result.cuda_peak_bytes = int(torch.cuda.max_memory_allocated())
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    prompt_tokens: int
+    decode_tokens: int
+    runs: int  # timed runs (after one warm-up); the median is reported
+    runtime: str
+    threads: int
+
+
+def measure_speed(runner, prompt: np.ndarray, decode_tokens: int = 32, runs: int = 3):
+    """Median prefill and decode throughput of ``runner.timed_generate`` (after one warm-up)."""
+    runner.timed_generate(prompt, decode_tokens)
+    prefill, decode = [], []
+    for _ in range(runs):
+        t_prefill, t_decode = runner.timed_generate(prompt, decode_tokens)
+        prefill.append(len(prompt) / t_prefill)
+        decode.append(decode_tokens / t_decode)
+    return SpeedResult(
+        prefill_tokens_per_s=statistics.median(prefill),
+        decode_tokens_per_s=statistics.median(decode),
+        prompt_tokens=len(prompt),
+        decode_tokens=decode_tokens,
+        runs=runs,
+        runtime=runner.runtime,
+        threads=runner.threads,
+    )
+
+
+@dataclass(frozen=True)
+class HardwareInfo:
+    cpu: str
+    cores: int
+    gpu: str | None
+    platform: str
+    versions: dict[str, str] = field(default_factory=dict)
+
+
+def hardware_info() -> HardwareInfo:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {"python": platform.python_version()}
+    gpu = None
+    import importlib.metadata as md
+
+    for pkg in ("quantlab", "torch", "transformers", "llama_cpp_python", "lm_eval", "gguf"):
+        try:
+            versions[pkg] = md.version(pkg.replace("_", "-"))
+        except md.PackageNotFoundError:
+            continue
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:  # pragma: no cover
+        pass
+    return HardwareInfo(cpu, os.cpu_count() or 1, gpu, platform.platform(), versions)
+
+
+def timed(fn, *args, **kwargs) -> tuple[object, float]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start

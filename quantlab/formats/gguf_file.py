@@ -1,0 +1,77 @@
+"""GGUF files through the ``gguf`` package: inspect them, and re-type every tensor to F16/F32.
+
+`retype_gguf` writes a copy of a GGUF file in which every quantized tensor is dequantized by
+``gguf`` (numpy, exact to the block formulas) and stored as F16 or F32, with all metadata copied
+and ``general.file_type`` updated. As llama.cpp's own converter does, 1-D tensors (norms, biases)
+stay F32 in an F16 file. This gives llama.cpp a full-precision reference of a model that only
+exists as a quantized GGUF (the embedded default model), computing the same function as the
+dequantized Hugging Face folder.
+
+GGUF stores a 2-D tensor as ``ne = [cols, rows]``; ``gguf``'s reader hands back numpy arrays in the
+usual ``(rows, cols)`` order, and its writer takes them that way.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from quantlab.errors import CorruptFileError, QuantlabError
+
+# llama.cpp's LLAMA_FTYPE values for the two full-precision outputs
+FILE_TYPES = {"F32": 0, "F16": 1}
+_SKIP_KEYS = ("GGUF.", "general.file_type")
+
+
+def open_gguf(path: str | os.PathLike):
+    """A `gguf.GGUFReader`, or a `CorruptFileError` naming the file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise QuantlabError(f"GGUF file {path} does not exist")
+    try:
+        return GGUFReader(path)
+    except Exception as exc:  # the reader raises ValueError, IndexError, ... on bad bytes
+        raise CorruptFileError(f"{path}: not a readable GGUF file ({exc})") from None
+
+
+def retype_gguf(src: str | os.PathLike, dst: str | os.PathLike, tensor_type: str = "F16") -> Path:
+    """Write ``dst``: ``src`` with every tensor dequantized to ``tensor_type`` (F16 or F32)."""
+    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+    from gguf.quants import dequantize
+
+    if tensor_type not in FILE_TYPES:
+        raise QuantlabError(f"tensor type {tensor_type!r} is not one of {', '.join(FILE_TYPES)}")
+    reader = open_gguf(src)
+    arch = reader.fields["general.architecture"].contents()
+    dst = Path(dst)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        writer = GGUFWriter(tmp, arch)
+        for key, field in reader.fields.items():
+            if key.startswith(_SKIP_KEYS) or key == "general.architecture":
+                continue
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+            writer.add_key_value(key, field.contents(), vtype, sub)
+        writer.add_file_type(FILE_TYPES[tensor_type])
+        for t in reader.tensors:
+            values = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+            if tensor_type == "F16" and values.ndim > 1:
+                writer.add_tensor(
+                    t.name, values.astype(np.float16), raw_dtype=GGMLQuantizationType.F16
+                )
+            else:
+                writer.add_tensor(t.name, values, raw_dtype=GGMLQuantizationType.F32)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, dst)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return dst
