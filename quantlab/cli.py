@@ -222,6 +222,60 @@ def cmd_eval(args) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_quantize(args) -> None:
+    from quantlab.data import CalibrationConfig, build_calibration, load_corpus
+    from quantlab.formats.native import write_native
+    from quantlab.methods import get_method
+    from quantlab.methods.runner import quantize_model
+    from quantlab.models import load_model, load_tokenizer
+
+    spec = get_method(args.method)
+    options = {"bits": args.bits, "group_size": args.group_size}
+    if args.sym is not None:
+        options["sym"] = args.sym
+    if args.method == "gptq":
+        options.update(
+            act_order=args.act_order,
+            static_groups=args.static_groups,
+            damp_percent=args.damp_percent,
+        )
+    elif args.act_order or args.static_groups:
+        raise QuantlabError("--act-order and --static-groups apply to --method gptq only")
+    config = spec.config_cls(**options)
+    model_ref = _resolve(args)
+    calibration = None
+    if spec.needs_calibration or args.imatrix:
+        calib_config = CalibrationConfig(
+            corpus=args.calib,
+            split=args.split,
+            n_samples=args.n_samples,
+            seq_len=args.seq_len,
+            seed=args.seed,
+        )
+        corpus = load_corpus(
+            calib_config.corpus,
+            calib_config.split,
+            data_root=args.data_root,
+            fallback=args.allow_fallback,
+        )
+        calibration = build_calibration(load_tokenizer(model_ref), corpus, calib_config)
+        print(
+            f"calibration: {corpus.label}, {args.n_samples} x {args.seq_len} tokens, "
+            f"sha256 {calibration.sha256[:16]}",
+            file=sys.stderr,
+        )
+    model = load_model(model_ref)
+    result = quantize_model(
+        model, model_ref.folder.arch, args.method, config, calibration, calib_dtype=args.calib_dtype
+    )
+    out = write_native(result, model_ref, args.out)
+    print(f"{args.method} {config}: {len(result.weights)} linears in {result.seconds:.1f} s")
+    print(
+        f"wrote {out} (evaluate it with: quantlab eval {out} --ppl wikitext2 --kld "
+        f"--reference {args.model})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quantlab",
@@ -330,6 +384,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = model_cmd("quantize", "quantize a model with RTN, GPTQ or AWQ (quantlab-native artifact)")
+    p.add_argument("--method", required=True, choices=["rtn", "gptq", "awq"])
+    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    p.add_argument("--group-size", type=int, default=128, help="-1 = per output channel")
+    sym = p.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=None)
+    sym.add_argument("--asym", dest="sym", action="store_false")
+    p.add_argument("--act-order", action="store_true", help="GPTQ desc_act")
+    p.add_argument("--static-groups", action="store_true", help="GPTQ static groups")
+    p.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ damping")
+    p.add_argument("--calib", default="c4", help="calibration corpus (default c4)")
+    p.add_argument("--split", default=None)
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--calib-dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="dtype of the calibration forward passes (weights are solved in fp32)",
+    )
+    p.add_argument(
+        "--imatrix", action="store_true", help="calibrate RTN too, to record the importance matrix"
+    )
+    p.add_argument(
+        "--allow-fallback",
+        action="store_true",
+        help="use the embedded pydoc corpus if the corpus is unavailable",
+    )
+    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.set_defaults(func=cmd_quantize)
     return parser
 
 

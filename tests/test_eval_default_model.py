@@ -73,7 +73,7 @@ def test_llamacpp_protocol_reproduces_llama_perplexity(gguf_files, wikitext, hf)
         assert np.flatnonzero(ours != theirs).tolist() == [238_941, 238_942]
     finally:
         runner.close()
-    assert result.ppl == pytest.approx(LLAMA_PERPLEXITY_F16, rel=2e-5)
+    assert result.ppl == pytest.approx(LLAMA_PERPLEXITY_F16, abs=1e-4)  # it prints 4 decimals
 
 
 @needs_llama_cpp

@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import platform
 import statistics
@@ -37,6 +39,17 @@ def size_of(path: str | os.PathLike) -> SizeResult:
     path = Path(path)
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     on_disk = sum(f.stat().st_size for f in files)
+    from quantlab.formats.native import MANIFEST, is_native
+
+    if is_native(path):
+        # codes are stored one per byte; report the packed size a checkpoint would have
+        # (bits per code + an fp16 scale and a packed zero point per group)
+        manifest = json.loads((path / MANIFEST).read_text())
+        weights = sum(math.prod(info["shape"]) for info in manifest["linears"].values())
+        gs = manifest["group_size"] if manifest["group_size"] > 0 else None
+        bits = manifest["bits"]
+        per_weight = bits + ((16 + bits) / gs if gs else 0.0)
+        return SizeResult(on_disk, int(weights * per_weight / 8), weights, per_weight)
     if path.suffix == ".gguf":
         from quantlab.formats.gguf_file import open_gguf
 

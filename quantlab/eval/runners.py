@@ -151,6 +151,7 @@ class LlamaCppRunner:
                 n_batch=n_ctx,
                 n_ubatch=min(n_ctx, 512),
                 logits_all=True,
+                flash_attn=True,  # what llama.cpp's tools use on CPU ("auto")
                 n_threads=n_threads or os.cpu_count() or 1,
                 verbose=False,
             )

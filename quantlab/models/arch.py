@@ -40,6 +40,7 @@ class ArchSpec:
     lm_head: str  # output projection, from the model root (may be tied to ``embed``)
     linears: tuple[str, ...]  # linears inside a block, in execution order
     input_groups: tuple[InputGroup, ...]  # linears sharing an input, with their producer
+    no_clip: tuple[str, ...] = ()  # linears whose range AWQ must not clip (attention scores)
 
     def __post_init__(self) -> None:
         grouped = [name for group in self.input_groups for name in group.linears]
@@ -113,5 +114,6 @@ for _name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwe
             lm_head="lm_head",
             linears=_LLAMA_LINEARS,
             input_groups=_LLAMA_GROUPS,
+            no_clip=("self_attn.q_proj", "self_attn.k_proj"),
         )
     )

@@ -1,0 +1,162 @@
+"""AWQ (Lin et al. 2023, "AWQ: Activation-aware Weight Quantization for LLM Compression and
+Acceleration"): protect the weights that meet large activations by scaling input channels before
+quantization, then clip each group's range.
+
+For each set of linears that read the same input ``X`` (an `InputGroup`), the paper's Eq. 4
+picks per-channel scales ``s = mean|X|^alpha`` (normalised so that ``sqrt(max(s) min(s)) = 1``),
+alpha on a grid of ``n_grid`` points in [0, 1), minimising the output error of the group's linears
+
+    L(s) = sum_linears || Q(W diag(s)) diag(s)^-1 X - W X ||^2 = sum tr(dW H dW^T),
+    H = 2 X^T X / n,
+
+which quantlab evaluates from the layer's Hessian ``H`` (d x d) instead of re-running the layers
+on every token. ``s`` is folded into the producer of ``X`` (a norm's weight, or the rows of the
+previous linear) and into the linears' columns, so the unquantized function is unchanged. Then, as
+llm-awq's ``auto_clip``, each (row, group) gets the clipping range ``max|w| * (1 - i / n_grid)``,
+``i < max_shrink * n_grid``, minimising that group's output error (the group's diagonal block of
+``H``); q_proj and k_proj are not clipped (``ArchSpec.no_clip``). Quantization is asymmetric RTN.
+
+The searched scales and clips are returned as data (`AWQSearch`) so they can be saved and replayed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quantlab.methods import register_method
+from quantlab.primitives import check_bits_and_group, fake_quantize, quantize_rtn
+
+
+@dataclass(frozen=True)
+class AWQConfig:
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    n_grid: int = 20
+    clip: bool = True
+    max_shrink: float = 0.5
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        from quantlab.errors import ConfigError
+
+        check_bits_and_group(self.bits, self.group_size)
+        if self.n_grid < 1:
+            raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
+        if not 0 <= self.max_shrink < 1:
+            raise ConfigError(f"max_shrink must be in [0, 1), got {self.max_shrink}")
+
+
+def output_error(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``tr(dW H dW^T)``: the summed squared output error of a weight error ``dW`` (out, in)."""
+    return torch.sum((dW @ H) * dW)
+
+
+def search_scale(
+    weights: list[torch.Tensor], H: torch.Tensor, act_mean: torch.Tensor, cfg: AWQConfig
+) -> tuple[torch.Tensor, float]:
+    """The per-input-channel scale ``s`` (in,) minimising the group's output error, and alpha."""
+    best = (math.inf, torch.ones_like(act_mean), 0.0)
+    for step in range(cfg.n_grid):
+        alpha = step / cfg.n_grid
+        s = act_mean.pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        loss = 0.0
+        for W in weights:
+            q = fake_quantize(W * s, cfg.bits, cfg.group_size, cfg.sym) / s
+            loss += float(output_error(q - W, H))
+        if loss < best[0]:
+            best = (loss, s, alpha)
+    return best[1], best[2]
+
+
+def _grouped(W: torch.Tensor, H: torch.Tensor, size: int):
+    """W as (out, G, size) and H's diagonal blocks as (G, size, size), zero-padded."""
+    out, cols = W.shape
+    groups = math.ceil(cols / size)
+    pad = groups * size - cols
+    Wp = torch.nn.functional.pad(W, (0, pad)).reshape(out, groups, size)
+    Hp = torch.nn.functional.pad(H, (0, pad, 0, pad))
+    blocks = torch.stack(
+        [Hp[g * size : (g + 1) * size, g * size : (g + 1) * size] for g in range(groups)]
+    )
+    return Wp, blocks, pad
+
+
+def search_clip(W: torch.Tensor, H: torch.Tensor, cfg: AWQConfig) -> torch.Tensor:
+    """Per (row, group) clipping bound ``max|w|`` (out, G) minimising each group's output error."""
+    size = cfg.group_size if cfg.group_size > 0 else W.shape[1]
+    Wg, Hg, pad = _grouped(W, H, size)
+    org_max = Wg.abs().amax(dim=2)  # (out, G)
+    best_err = torch.full_like(org_max, math.inf)
+    best_max = org_max.clone()
+    for step in range(int(cfg.max_shrink * cfg.n_grid)):
+        max_val = org_max * (1 - step / cfg.n_grid)
+        clipped = torch.maximum(
+            torch.minimum(W, _expand(max_val, W, size)), -_expand(max_val, W, size)
+        )
+        dW = fake_quantize(clipped, cfg.bits, cfg.group_size, cfg.sym) - W
+        dWg = torch.nn.functional.pad(dW, (0, pad)).reshape(Wg.shape)
+        err = torch.einsum("ogi,gij,ogj->og", dWg, Hg, dWg)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_max = torch.where(better, max_val, best_max)
+    return best_max
+
+
+def _expand(per_group: torch.Tensor, W: torch.Tensor, size: int) -> torch.Tensor:
+    """(out, G) -> (out, in): each column gets its group's value."""
+    return per_group.repeat_interleave(size, dim=1)[:, : W.shape[1]]
+
+
+def quantize_clipped(W: torch.Tensor, max_val: torch.Tensor | None, cfg: AWQConfig, dtype):
+    size = cfg.group_size if cfg.group_size > 0 else W.shape[1]
+    if max_val is not None:
+        bound = _expand(max_val, W, size)
+        W = torch.maximum(torch.minimum(W, bound), -bound)
+    qw = quantize_rtn(W, cfg.bits, cfg.group_size, cfg.sym)
+    return type(qw)(
+        qw.qweight, qw.scales, qw.zeros, qw.g_idx, qw.bits, qw.group_size, qw.sym, dtype
+    )
+
+
+@dataclass(frozen=True)
+class AWQSearch:
+    """What the search found for one block, replayable: scale per input group, clip per linear."""
+
+    scales: dict[str, torch.Tensor]  # input group's prev_op -> (in,) scale folded into it
+    alphas: dict[str, float]
+    clips: dict[str, torch.Tensor]  # linear -> (out, G) clipping bound
+
+
+@register_method("awq", AWQConfig, needs_calibration=True)
+def quantize_block(ctx, config: AWQConfig) -> None:
+    stats: dict = {}
+
+    def collect(group, x) -> None:
+        from quantlab.methods.gptq import accumulate_hessian
+
+        flat = x.reshape(-1, x.shape[-1]).float()
+        stats[group] = (accumulate_hessian(None, 0, flat)[0], flat.abs().mean(dim=0))
+
+    ctx.forward(on_group_input=collect)
+    scales, alphas, clips = {}, {}, {}
+    hessians = {}
+    for group, (H, act_mean) in stats.items():
+        if ctx.can_fold(group):
+            s, alpha = search_scale([ctx.weight(n) for n in group.linears], H, act_mean, config)
+            ctx.fold_scale(group, s)
+            H = H / s[:, None] / s[None, :]
+            scales[group.prev_op], alphas[group.prev_op] = s, alpha
+        for name in group.linears:
+            hessians[name] = H
+    for name in ctx.linear_names:
+        W = ctx.weight(name)
+        clip = None
+        if config.clip and name not in ctx.arch.no_clip:
+            clip = clips[name] = search_clip(W, hessians[name], config)
+        ctx.set_quantized(name, quantize_clipped(W, clip, config, ctx.original_dtype(name)))
+    ctx.record(AWQSearch(scales, alphas, clips))

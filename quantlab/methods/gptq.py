@@ -1,0 +1,169 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers"): quantize a weight column by column, spreading each column's rounding
+error over the columns not yet quantized through the inverse Hessian of the layer's inputs.
+
+Notation as in the paper and its reference code (IST-DASLab/gptq ``gptq.py``): ``W`` (out, in),
+``H = 2 X^T X / n`` (in, in) from the layer inputs ``X``, ``Hinv`` the upper Cholesky factor of
+``H^-1`` after damping ``H += percdamp * mean(diag H) * I``; columns are processed in blocks of
+``block_size`` with lazy batch updates (Algorithm 1). Conventions that GPTQ checkpoints rely on:
+- group parameters are found when a group's first column is reached, from the weights as they are
+  at the start of the current block (as the reference code does);
+- ``act_order`` (``desc_act``) processes columns by decreasing ``diag(H)``; groups are then formed
+  in that order and ``g_idx`` maps each original column to its group, unless ``static_groups``
+  fixes the groups on the original column order before any update;
+- dead inputs (``diag(H) == 0``) get ``H_ii = 1`` and a zero weight column.
+
+Linears that share an input share ``H``, so their rows are stacked and solved in one pass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from quantlab.methods import register_method
+from quantlab.primitives import check_bits_and_group, quantize_codes, scale_zero
+from quantlab.types import QuantizedWeight
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    bits: int = 4
+    group_size: int = 128  # -1 = one group per output row
+    sym: bool = True
+    damp_percent: float = 0.01
+    block_size: int = 128
+    act_order: bool = False  # desc_act
+    static_groups: bool = False
+    true_sequential: bool = True  # each input group sees the previous groups already quantized
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        from quantlab.errors import ConfigError
+
+        check_bits_and_group(self.bits, self.group_size)
+        if not 0 < self.damp_percent < 1:
+            raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
+        if self.block_size < 1:
+            raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
+
+
+def accumulate_hessian(H: torch.Tensor | None, n: int, x: torch.Tensor):
+    """Fold inputs ``x`` (..., in) into the running ``H = 2 X^T X / n``; returns ``(H, n)``."""
+    x = x.reshape(-1, x.shape[-1]).float()
+    m = x.shape[0]
+    if H is None:
+        H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    H.mul_(n / (n + m))
+    x = x * math.sqrt(2 / (n + m))
+    H.addmm_(x.T, x)
+    return H, n + m
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
+    """Quantize ``W`` (out, in) with the Hessian ``H`` (in, in) of its inputs."""
+    W = W.detach().clone().float()
+    H = H.detach().clone().float()
+    out, cols = W.shape
+    bits, sym = cfg.bits, cfg.sym
+    gs = cfg.group_size if cfg.group_size > 0 else cols
+    n_groups = math.ceil(cols / gs)
+    scales = torch.zeros(out, n_groups)
+    zeros = torch.zeros(out, n_groups)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    if cfg.static_groups:
+        for g in range(n_groups):
+            s, z = scale_zero(W[:, g * gs : (g + 1) * gs], bits, sym)
+            scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+    perm = None
+    if cfg.act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    H.diagonal().add_(cfg.damp_percent * torch.mean(torch.diag(H)))
+    try:
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    except torch.linalg.LinAlgError as exc:
+        raise ValueError(f"Hessian is not positive definite; raise damp_percent ({exc})") from None
+
+    Q = torch.zeros_like(W)
+    group_of = torch.zeros(cols, dtype=torch.int32)  # group of each column, in processing order
+    s = z = None
+    for i1 in range(0, cols, cfg.block_size):
+        i2 = min(i1 + cfg.block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if cfg.static_groups:
+                g = int(perm[col] if perm is not None else col) // gs
+                s, z = scales[:, g : g + 1], zeros[:, g : g + 1]
+            else:
+                g = col // gs
+                if col % gs == 0:
+                    s, z = scale_zero(W[:, col : col + gs], bits, sym)
+                    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            w = W1[:, i]
+            q = quantize_codes(w[:, None], s, z, bits)[:, 0]
+            Q[:, col] = q
+            group_of[col] = g
+            err = (w - s[:, 0] * (q - z[:, 0])) / Hinv1[i, i]
+            W1[:, i:].sub_(err[:, None] * Hinv1[i, i:][None, :])
+            Err1[:, i] = err
+        W[:, i2:].sub_(Err1 @ Hinv[i1:i2, i2:])
+
+    g_idx = group_of
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        Q, g_idx = Q[:, invperm], group_of[invperm]
+    return QuantizedWeight(
+        Q.to(torch.uint8),
+        scales,
+        zeros.to(torch.uint8),
+        g_idx.to(torch.int32),
+        bits,
+        cfg.group_size,
+        sym,
+    )
+
+
+def split_rows(qw: QuantizedWeight, sizes: list[int], dtypes: list) -> list[QuantizedWeight]:
+    """Split a row-stacked `QuantizedWeight` back into one per linear."""
+    out, start = [], 0
+    for rows, dtype in zip(sizes, dtypes, strict=True):
+        sl = slice(start, start + rows)
+        parts = (t.clone() for t in (qw.qweight[sl], qw.scales[sl], qw.zeros[sl], qw.g_idx))
+        out.append(QuantizedWeight(*parts, qw.bits, qw.group_size, qw.sym, dtype))
+        start += rows
+    return out
+
+
+@register_method("gptq", GPTQConfig, needs_calibration=True)
+def quantize_block(ctx, config: GPTQConfig) -> None:
+    def solve(group, H: torch.Tensor) -> None:
+        weights = [ctx.weight(name) for name in group.linears]
+        try:
+            stacked = gptq_quantize(torch.cat(weights), H, config)
+        except ValueError as exc:
+            raise ctx.error(group.linears[0], str(exc)) from None
+        sizes = [w.shape[0] for w in weights]
+        dtypes = [ctx.original_dtype(name) for name in group.linears]
+        for name, qw in zip(group.linears, split_rows(stacked, sizes, dtypes), strict=True):
+            ctx.set_quantized(name, qw)
+
+    if config.true_sequential:
+        # one pass: each group is solved from its input just before it runs
+        ctx.forward(on_group_input=lambda group, x: solve(group, accumulate_hessian(None, 0, x)[0]))
+        return
+    hessians = {}
+    ctx.forward(
+        on_group_input=lambda g, x: hessians.__setitem__(g, accumulate_hessian(None, 0, x)[0])
+    )
+    for group, H in hessians.items():
+        solve(group, H)

@@ -1,0 +1,31 @@
+"""RTN: round-to-nearest weight quantization, the baseline every calibrated method must beat.
+
+Each group of ``group_size`` input columns of each linear gets its own min-max scale and zero
+point (`quantlab.primitives.quantize_rtn`); no calibration data is used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quantlab.methods import register_method
+from quantlab.primitives import check_bits_and_group, quantize_rtn
+
+
+@dataclass(frozen=True)
+class RTNConfig:
+    bits: int = 4
+    group_size: int = 128  # -1 = one group per output row
+    sym: bool = False
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        check_bits_and_group(self.bits, self.group_size)
+
+
+@register_method("rtn", RTNConfig, needs_calibration=False)
+def quantize_block(ctx, config: RTNConfig) -> None:
+    for name in ctx.linear_names:
+        ctx.set_quantized(
+            name, quantize_rtn(ctx.weight(name), config.bits, config.group_size, config.sym)
+        )

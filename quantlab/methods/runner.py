@@ -1,0 +1,256 @@
+"""The calibration pipeline: walk the decoder blocks once, quantize each from real activations.
+
+1. Capture the inputs of the first decoder block (and the keyword arguments the model passes to
+   every block: position embeddings, attention mask) for the whole calibration set.
+2. For each block in order: make a compute copy (in ``calib_dtype``, on ``device``), hand a
+   `BlockContext` to the method, which runs forward passes with hooks at the input of each
+   `InputGroup` (statistics, or quantization just before the group runs) and sets
+   `QuantizedWeight`s.
+   The importance matrix (mean of x^2 per input column, llama.cpp's imatrix) of every linear is
+   collected during the first pass.
+3. The *quantized* block's outputs become the next block's inputs. Only one block's compute copy
+   and the calibration activations are live at a time; the master weights stay on the CPU.
+
+The model is left holding the dequantized weights (fake quantization), ready to evaluate; the
+returned `QuantizationResult` holds the integer tensors a format writer packs.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from quantlab.errors import QuantlabError
+from quantlab.methods import get_method
+from quantlab.models.arch import ArchSpec, InputGroup
+from quantlab.types import QuantizedWeight
+
+
+class _StopForward(Exception):
+    pass
+
+
+@dataclass
+class QuantizationResult:
+    """What a method produced for a whole model."""
+
+    method: str
+    config: object  # the method's frozen config dataclass
+    weights: dict[str, QuantizedWeight]  # full module name of each linear -> its quantization
+    modified: dict[str, torch.Tensor]  # other parameters the method changed (AWQ-scaled norms)
+    imatrix: dict[str, torch.Tensor]  # linear name -> mean of x^2 per input column (in,)
+    imatrix_tokens: int
+    records: dict[str, object]  # per-block method records (e.g. AWQ scales), keyed by block name
+    calibration: dict | None  # CalibrationSet.provenance(), None for RTN without calibration
+    seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+class BlockContext:
+    """One decoder block as a method sees it: weights by name, forward passes with hooks."""
+
+    def __init__(self, prefix: str, block, compute, arch: ArchSpec, inputs, kwargs, imatrix):
+        self.prefix, self.block, self.compute, self.arch = prefix, block, compute, arch
+        self.inputs, self.kwargs = inputs, kwargs
+        self.linear_names = list(arch.linears)
+        self.groups = list(arch.input_groups)
+        self.quantized: dict[str, QuantizedWeight] = {}
+        self.modified: dict[str, torch.Tensor] = {}
+        self.records: list[object] = []
+        self.outputs = None
+        self.outputs_stale = True
+        self._in_forward = False
+        self._imatrix = imatrix  # full linear name -> [sum of x^2, count]
+
+    # --- weights ----------------------------------------------------------------------------
+    def weight(self, name: str) -> torch.Tensor:
+        """The current float32 weight of a linear (a copy)."""
+        return self.block.get_submodule(name).weight.detach().float().clone()
+
+    def original_dtype(self, name: str) -> torch.dtype:
+        return self.block.get_submodule(name).weight.dtype
+
+    def _write(self, path: str, value: torch.Tensor, transform) -> None:
+        for module in (self.block, self.compute):
+            param = module.get_parameter(path)
+            with torch.no_grad():
+                param.copy_(transform(value).to(param.dtype))
+        if not self._in_forward:
+            self.outputs_stale = True
+
+    def set_quantized(self, name: str, qw: QuantizedWeight) -> None:
+        """Record ``qw`` for linear ``name`` and put its dequantized values into the block."""
+        self.quantized[name] = qw
+        self._write(f"{name}.weight", qw.dequantize(), lambda v: v)
+
+    def can_fold(self, group: InputGroup) -> bool:
+        """Whether a per-input-channel scale of ``group`` can be folded into its producer."""
+        prev = self.block.get_submodule(group.prev_op)
+        width = self.block.get_submodule(group.linears[0]).in_features
+        return prev.weight.shape[0] == width
+
+    def fold_scale(self, group: InputGroup, s: torch.Tensor) -> None:
+        """Divide the producer's output channels by ``s`` and multiply the linears' inputs by it."""
+        prev = self.block.get_submodule(group.prev_op)
+        self._write(
+            f"{group.prev_op}.weight",
+            prev.weight.detach().float(),
+            lambda w: w / (s if w.ndim == 1 else s[:, None]),
+        )
+        self.modified[f"{group.prev_op}.weight"] = None
+        if getattr(prev, "bias", None) is not None:
+            self._write(f"{group.prev_op}.bias", prev.bias.detach().float(), lambda b: b / s)
+            self.modified[f"{group.prev_op}.bias"] = None
+        for name in group.linears:
+            self._write(f"{name}.weight", self.weight(name), lambda w: w * s[None, :])
+
+    def record(self, item: object) -> None:
+        self.records.append(item)
+
+    def error(self, name: str, message: str) -> QuantlabError:
+        return QuantlabError(f"{self.prefix}.{name}: {message}")
+
+    # --- forward ----------------------------------------------------------------------------
+    def forward(self, on_group_input=None) -> torch.Tensor:
+        """Run the compute block on the calibration inputs; call ``on_group_input(group, x)`` with
+        each input group's input just before the group's first linear runs."""
+        hooks = []
+        first_of = {}
+        for group in self.groups:
+            first = min(group.linears, key=self.linear_names.index)
+            first_of[first] = group
+
+        def pre_hook(name):
+            def run(_module, args):
+                x = args[0]
+                stats = self._imatrix.get(f"{self.prefix}.{name}")
+                if stats is not None and stats[1] == 0:
+                    flat = x.reshape(-1, x.shape[-1]).float()
+                    stats[0] += flat.pow(2).sum(dim=0).cpu()
+                    stats[1] += flat.shape[0]
+                if on_group_input is not None and name in first_of:
+                    on_group_input(first_of[name], x)
+
+            return run
+
+        for name in self.linear_names:
+            module = self.compute.get_submodule(name)
+            hooks.append(module.register_forward_pre_hook(pre_hook(name)))
+        self._in_forward = True
+        try:
+            with torch.inference_mode():
+                out = self.compute(self.inputs, **self.kwargs)
+        finally:
+            self._in_forward = False
+            for h in hooks:
+                h.remove()
+        self.outputs = out[0] if isinstance(out, tuple) else out
+        self.outputs_stale = False
+        return self.outputs
+
+
+def _capture_first_block_inputs(model, arch: ArchSpec, ids: torch.Tensor, dtype, device):
+    blocks = model.get_submodule(arch.blocks)
+    captured = {}
+
+    def grab(_module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = kwargs
+        raise _StopForward
+
+    handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            model(ids.to(device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+
+    def cast(v):
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            return v.to(device=device, dtype=dtype)
+        if isinstance(v, tuple):
+            return tuple(cast(x) for x in v)
+        return v
+
+    kwargs = {k: cast(v) for k, v in captured["kwargs"].items() if k != "past_key_values"}
+    kwargs["use_cache"] = False
+    return cast(captured["hidden"]), kwargs
+
+
+def quantize_model(
+    model,
+    arch: ArchSpec,
+    method: str,
+    config,
+    calibration=None,
+    *,
+    calib_dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize every block of ``model`` in place (fake quant) and return the integer tensors.
+
+    ``calibration`` is a `CalibrationSet` (required unless the method needs none); its samples are
+    processed as one batch, so memory grows with n_samples x seq_len x hidden.
+    """
+    from tqdm import tqdm
+
+    spec = get_method(method)
+    if not isinstance(config, spec.config_cls):
+        raise QuantlabError(f"method {method} takes a {spec.config_cls.__name__}")
+    if spec.needs_calibration and calibration is None:
+        raise QuantlabError(f"method {method} needs a calibration set")
+    start = time.perf_counter()
+    dtype = getattr(torch, calib_dtype)
+    blocks = model.get_submodule(arch.blocks)
+    stages: dict[str, float] = {}
+    hidden = kwargs = None
+    imatrix: dict[str, list] = {}
+    if calibration is not None:
+        ids = torch.as_tensor(np.asarray(calibration.input_ids))
+        hidden, kwargs = _capture_first_block_inputs(model, arch, ids, dtype, device)
+        stages["capture"] = time.perf_counter() - start
+        for i in range(len(blocks)):
+            for name in arch.linears:
+                imatrix[f"{arch.blocks}.{i}.{name}"] = [0.0, 0]
+    result = QuantizationResult(method, config, {}, {}, {}, 0, {}, None, 0.0, stages)
+    bar = tqdm(
+        range(len(blocks)),
+        desc=f"{method} blocks",
+        unit="block",
+        file=sys.stderr,
+        disable=not progress,
+    )
+    for i in bar:
+        prefix = f"{arch.blocks}.{i}"
+        block = blocks[i]
+        compute = block
+        if calibration is not None and (dtype != torch.float32 or device != "cpu"):
+            compute = copy.deepcopy(block).to(device=device, dtype=dtype)
+        ctx = BlockContext(prefix, block, compute, arch, hidden, kwargs, imatrix)
+        if calibration is not None and not spec.needs_calibration:
+            ctx.forward()  # RTN with calibration: the pass only gathers the importance matrix
+        spec.quantize_block(ctx, config)
+        if calibration is not None:
+            hidden = ctx.forward() if ctx.outputs_stale else ctx.outputs
+        for name, qw in ctx.quantized.items():
+            result.weights[f"{prefix}.{name}"] = qw
+        for name in ctx.modified:
+            result.modified[f"{prefix}.{name}"] = block.get_parameter(name).detach().clone()
+        if ctx.records:
+            result.records[prefix] = ctx.records[0] if len(ctx.records) == 1 else ctx.records
+        del compute, ctx
+    result.imatrix = {k: (v[0] / v[1]).float() for k, v in imatrix.items() if v[1]}
+    result.imatrix_tokens = next((v[1] for v in imatrix.values()), 0)
+    if calibration is not None:
+        result.calibration = calibration.provenance()
+    result.seconds = time.perf_counter() - start
+    stages["blocks"] = result.seconds - stages.get("capture", 0.0)
+    return result

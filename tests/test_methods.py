@@ -1,0 +1,170 @@
+"""RTN, GPTQ and AWQ: the reference primitives, the solvers, and the calibration pipeline."""
+
+import pytest
+import torch
+
+from quantlab.data import CalibrationConfig, build_calibration, load_corpus
+from quantlab.errors import ConfigError
+from quantlab.methods import get_method, method_names
+from quantlab.methods.awq import AWQConfig, search_clip, search_scale
+from quantlab.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize
+from quantlab.methods.rtn import RTNConfig
+from quantlab.methods.runner import quantize_model
+from quantlab.models import arch_spec, load_model, load_tokenizer, resolve_model
+from quantlab.primitives import dequantize, fake_quantize, quantize_rtn
+
+
+def correlated_inputs(n=2048, d=192, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=gen) / d**0.5
+    x = torch.randn(n, d, generator=gen) @ mix + 0.1 * torch.randn(n, d, generator=gen)
+    x[:, :4] *= 10  # a few outlier channels, as in real activations
+    return x
+
+
+def output_mse(W, Wq, X):
+    return ((X @ (Wq - W).T) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_codes_round_trip_and_error_is_bounded(bits, group_size, sym):
+    W = torch.randn(24, 192, generator=torch.Generator().manual_seed(bits))
+    qw = quantize_rtn(W, bits, group_size, sym)
+    assert qw.qweight.dtype == torch.uint8 and int(qw.qweight.max()) <= 2**bits - 1
+    assert qw.n_groups == (1 if group_size == -1 else -(-192 // group_size))
+    deq = dequantize(qw)
+    # every value is within half a step of the original (the range always covers the group)
+    step = qw.scales[:, qw.g_idx.long()]
+    assert torch.all((deq - W).abs() <= step / 2 + 1e-6)
+    assert torch.equal(deq, fake_quantize(W, bits, group_size, sym))
+
+
+def test_all_zero_group_and_constant_row_are_exact():
+    W = torch.zeros(3, 64)
+    W[1] = 0.5
+    W[2, 32:] = -1.25
+    deq = fake_quantize(W, 4, 32, sym=False)
+    torch.testing.assert_close(deq, W)
+
+
+def test_group_size_that_does_not_divide_leaves_a_short_last_group():
+    W = torch.randn(4, 192)
+    qw = quantize_rtn(W, 4, 128, sym=False)
+    assert qw.n_groups == 2 and int((qw.g_idx == 1).sum()) == 64
+
+
+def test_bad_configs_are_refused():
+    for bad in (
+        lambda: RTNConfig(bits=5),
+        lambda: GPTQConfig(group_size=0),
+        lambda: GPTQConfig(damp_percent=0),
+        lambda: AWQConfig(n_grid=0),
+    ):
+        with pytest.raises(ConfigError):
+            bad()
+    with pytest.raises(ConfigError, match="known: awq, gptq, rtn"):
+        get_method("hqq")
+    assert method_names() == ["awq", "gptq", "rtn"]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_gptq_reconstruction_error_beats_rtn(act_order, static_groups):
+    X = correlated_inputs()
+    W = torch.randn(96, 192, generator=torch.Generator().manual_seed(1)) * 0.05
+    H, n = accumulate_hessian(None, 0, X)
+    assert n == X.shape[0]
+    cfg = GPTQConfig(
+        bits=4, group_size=64, sym=False, act_order=act_order, static_groups=static_groups
+    )
+    qw = gptq_quantize(W, H, cfg)
+    gptq_err = output_mse(W, qw.dequantize(), X)
+    rtn_err = output_mse(W, fake_quantize(W, 4, 64, sym=False), X)
+    assert gptq_err < 0.7 * rtn_err
+    assert qw.act_order == (act_order and not static_groups)
+    # each group's codes use that group's own scale: g_idx values partition the columns
+    assert sorted(torch.bincount(qw.g_idx.long()).tolist()) == [64, 64, 64]
+
+
+def test_gptq_with_identity_hessian_is_rtn():
+    W = torch.randn(16, 128)
+    qw = gptq_quantize(W, torch.eye(128), GPTQConfig(bits=4, group_size=32, sym=False))
+    assert torch.equal(qw.dequantize(), fake_quantize(W, 4, 32, sym=False))
+
+
+def test_gptq_hessian_running_average_matches_one_shot():
+    X = correlated_inputs(n=300)
+    H1, _ = accumulate_hessian(None, 0, X)
+    H2, n = accumulate_hessian(None, 0, X[:100])
+    H2, n = accumulate_hessian(H2, n, X[100:])
+    torch.testing.assert_close(H1, H2, rtol=1e-5, atol=1e-4)
+
+
+def test_gptq_dead_inputs_get_zero_weight():
+    X = correlated_inputs()
+    X[:, 7] = 0
+    W = torch.randn(8, 192)
+    qw = gptq_quantize(W, accumulate_hessian(None, 0, X)[0], GPTQConfig(group_size=64))
+    assert torch.all(qw.dequantize()[:, 7] == 0)
+
+
+def test_awq_scale_search_never_loses_to_no_scaling():
+    X = correlated_inputs()
+    W = torch.randn(64, 192) * 0.05
+    H = accumulate_hessian(None, 0, X)[0]
+    cfg = AWQConfig(bits=3, group_size=64)
+    s, alpha = search_scale([W], H, X.abs().mean(0), cfg)
+    scaled = fake_quantize(W * s, 3, 64, False) / s
+    assert output_mse(W, scaled, X) <= output_mse(W, fake_quantize(W, 3, 64, False), X) + 1e-9
+    clip = search_clip(W * s, H / s[:, None] / s[None, :], cfg)
+    assert clip.shape == (64, 3) and torch.all(clip <= (W * s).abs().reshape(64, 3, 64).amax(2))
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_models):
+    tok = load_tokenizer(resolve_model(str(tiny_models["tiny-qwen2"])))
+    return build_calibration(tok, load_corpus("pydoc"), CalibrationConfig("pydoc", "all", 4, 64))
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_pipeline_quantizes_every_linear_of_every_architecture(
+    tiny_models, calibration, name, method
+):
+    model_ref = resolve_model(str(tiny_models[name]))
+    model = load_model(model_ref)
+    arch = arch_spec(model.config.architectures[0])
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = get_method(method).config_cls(bits=4, group_size=64)
+    result = quantize_model(model, arch, method, config, calibration, progress=False)
+    expected = {f"{arch.blocks}.{i}.{lin}" for i in range(2) for lin in arch.linears}
+    assert set(result.weights) == expected
+    assert set(result.imatrix) == expected and result.imatrix_tokens == 4 * 64
+    for full, qw in result.weights.items():
+        torch.testing.assert_close(model.get_parameter(f"{full}.weight"), qw.dequantize())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {f"{n}.weight" for n in expected} | set(result.modified)
+    if method == "awq":
+        assert result.modified and all("norm" in n or "proj" in n for n in result.modified)
+
+
+def test_gptq_beats_rtn_on_block_outputs(tiny_models, calibration):
+    from quantlab.methods.runner import _capture_first_block_inputs
+
+    model_ref = resolve_model(str(tiny_models["tiny-llama"]))
+    arch = arch_spec("LlamaForCausalLM")
+    ids = torch.as_tensor(calibration.input_ids)
+    errors = {}
+    for method, config in (("rtn", RTNConfig(3, 64)), ("gptq", GPTQConfig(3, 64, sym=False))):
+        model = load_model(model_ref)
+        reference = load_model(model_ref)
+        hidden, kwargs = _capture_first_block_inputs(reference, arch, ids, torch.float32, "cpu")
+        with torch.inference_mode():
+            want = reference.model.layers[0](hidden, **kwargs)
+        quantize_model(model, arch, method, config, calibration, progress=False)
+        with torch.inference_mode():
+            got = model.model.layers[0](hidden, **kwargs)
+        errors[method] = float(((got - want) ** 2).mean())
+    assert errors["gptq"] < errors["rtn"]
