@@ -168,3 +168,45 @@ def test_gptq_beats_rtn_on_block_outputs(tiny_models, calibration):
             got = model.model.layers[0](hidden, **kwargs)
         errors[method] = float(((got - want) ** 2).mean())
     assert errors["gptq"] < errors["rtn"]
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2"])
+def test_folding_awq_scales_leaves_the_unquantized_block_unchanged(tiny_models, calibration, name):
+    from quantlab.methods.runner import BlockContext, _capture_first_block_inputs
+
+    model = load_model(resolve_model(str(tiny_models[name])))
+    arch = arch_spec(model.config.architectures[0])
+    ids = torch.as_tensor(calibration.input_ids)
+    hidden, kwargs = _capture_first_block_inputs(model, arch, ids, torch.float32, "cpu")
+    block = model.get_submodule(arch.blocks)[0]
+    ctx = BlockContext("b", block, block, arch, hidden, kwargs, {})
+    before = ctx.forward().clone()
+    gen = torch.Generator().manual_seed(0)
+    folded = 0
+    for group in arch.input_groups:
+        if ctx.can_fold(group):
+            width = block.get_submodule(group.linears[0]).in_features
+            ctx.fold_scale(group, torch.rand(width, generator=gen) + 0.5)
+            folded += 1
+    assert folded >= 3  # norms and up_proj (v_proj -> o_proj only without grouped-query heads)
+    torch.testing.assert_close(ctx.forward(), before, rtol=1e-4, atol=1e-4)
+    assert ctx.modified
+
+
+def test_awq_beats_rtn_on_block_outputs(tiny_models, calibration):
+    from quantlab.methods.runner import _capture_first_block_inputs
+
+    model_ref = resolve_model(str(tiny_models["tiny-llama"]))
+    arch = arch_spec("LlamaForCausalLM")
+    ids = torch.as_tensor(calibration.input_ids)
+    errors = {}
+    for method, config in (("rtn", RTNConfig(3, 64)), ("awq", AWQConfig(3, 64))):
+        model, reference = load_model(model_ref), load_model(model_ref)
+        hidden, kwargs = _capture_first_block_inputs(reference, arch, ids, torch.float32, "cpu")
+        with torch.inference_mode():
+            want = reference.model.layers[0](hidden, **kwargs)
+        quantize_model(model, arch, method, config, calibration, progress=False)
+        with torch.inference_mode():
+            got = model.model.layers[0](hidden, **kwargs)
+        errors[method] = float(((got - want) ** 2).mean())
+    assert errors["awq"] < errors["rtn"]

@@ -232,7 +232,7 @@ def evaluate(
                     metrics.kld = kld
                     metrics.reference = ref.name
                 else:
-                    ppl = perplexity(runner, windows)
+                    ppl = perplexity(runner, windows, _progress(label))
                 metrics.perplexity.append(ppl)
                 stages[f"perplexity:{corpus.name}:{pconf.protocol}"] = time.perf_counter() - t0
             if config.tasks:

@@ -184,8 +184,11 @@ def perplexity_from_nll(nll: np.ndarray, windows: TokenWindows) -> PerplexityRes
     )
 
 
-def perplexity(runner, windows: TokenWindows) -> PerplexityResult:
-    """Perplexity of ``runner`` on ``windows``."""
-    targets = windows.targets()
-    nll = [nll_of(lp, targets[i]) for i, lp in enumerate(iter_scored_logprobs(runner, windows))]
+def perplexity(runner, windows: TokenWindows, progress=None) -> PerplexityResult:
+    """Perplexity of ``runner`` on ``windows``; ``progress(done, total)`` after each window."""
+    targets, nll = windows.targets(), []
+    for i, lp in enumerate(iter_scored_logprobs(runner, windows)):
+        nll.append(nll_of(lp, targets[i]))
+        if progress is not None:
+            progress(i + 1, windows.ids.shape[0])
     return perplexity_from_nll(np.concatenate(nll), windows)

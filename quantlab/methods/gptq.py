@@ -6,8 +6,9 @@ Notation as in the paper and its reference code (IST-DASLab/gptq ``gptq.py``): `
 ``H = 2 X^T X / n`` (in, in) from the layer inputs ``X``, ``Hinv`` the upper Cholesky factor of
 ``H^-1`` after damping ``H += percdamp * mean(diag H) * I``; columns are processed in blocks of
 ``block_size`` with lazy batch updates (Algorithm 1). Conventions that GPTQ checkpoints rely on:
-- group parameters are found when a group's first column is reached, from the weights as they are
-  at the start of the current block (as the reference code does);
+- group parameters are found when a group's first column is reached, from the group's weights as
+  updated so far (the reference code reads them as they were at the start of the current block,
+  which is the same thing when groups start at block boundaries, e.g. group 128 / block 128);
 - ``act_order`` (``desc_act``) processes columns by decreasing ``diag(H)``; groups are then formed
   in that order and ``g_idx`` maps each original column to its group, unless ``static_groups``
   fixes the groups on the original column order before any update;
@@ -107,7 +108,9 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> Quantize
             else:
                 g = col // gs
                 if col % gs == 0:
-                    s, z = scale_zero(W[:, col : col + gs], bits, sym)
+                    # the group's columns as updated so far (in this block, then later ones)
+                    group = torch.cat([W1[:, i : i + gs], W[:, i2 : col + gs]], dim=1)
+                    s, z = scale_zero(group, bits, sym)
                     scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
             w = W1[:, i]
             q = quantize_codes(w[:, None], s, z, bits)[:, 0]

@@ -60,7 +60,7 @@ class BlockContext:
         self.linear_names = list(arch.linears)
         self.groups = list(arch.input_groups)
         self.quantized: dict[str, QuantizedWeight] = {}
-        self.modified: dict[str, torch.Tensor] = {}
+        self.modified: set[str] = set()  # names of non-linear-weight parameters changed
         self.records: list[object] = []
         self.outputs = None
         self.outputs_stale = True
@@ -76,10 +76,11 @@ class BlockContext:
         return self.block.get_submodule(name).weight.dtype
 
     def _write(self, path: str, value: torch.Tensor, transform) -> None:
-        for module in (self.block, self.compute):
+        new = transform(value.detach().float()).clone()  # computed once: value may alias the param
+        for module in {id(m): m for m in (self.block, self.compute)}.values():
             param = module.get_parameter(path)
             with torch.no_grad():
-                param.copy_(transform(value).to(param.dtype))
+                param.copy_(new.to(param.device, param.dtype))
         if not self._in_forward:
             self.outputs_stale = True
 
@@ -102,10 +103,10 @@ class BlockContext:
             prev.weight.detach().float(),
             lambda w: w / (s if w.ndim == 1 else s[:, None]),
         )
-        self.modified[f"{group.prev_op}.weight"] = None
+        self.modified.add(f"{group.prev_op}.weight")
         if getattr(prev, "bias", None) is not None:
             self._write(f"{group.prev_op}.bias", prev.bias.detach().float(), lambda b: b / s)
-            self.modified[f"{group.prev_op}.bias"] = None
+            self.modified.add(f"{group.prev_op}.bias")
         for name in group.linears:
             self._write(f"{name}.weight", self.weight(name), lambda w: w * s[None, :])
 
