@@ -112,7 +112,8 @@ def cmd_corpora(args) -> None:
     _print_table(rows)
 
 
-def cmd_calibrate(args) -> None:
+def _calibration(args, model_ref):
+    """The corpus and calibration set that the calibration options of ``args`` describe."""
     from quantlab.data import CalibrationConfig, build_calibration, load_corpus
     from quantlab.models import load_tokenizer
 
@@ -126,7 +127,12 @@ def cmd_calibrate(args) -> None:
     corpus = load_corpus(
         config.corpus, config.split, data_root=args.data_root, fallback=args.allow_fallback
     )
-    calib = build_calibration(load_tokenizer(_resolve(args)), corpus, config)
+    return corpus, build_calibration(load_tokenizer(model_ref), corpus, config)
+
+
+def cmd_calibrate(args) -> None:
+    corpus, calib = _calibration(args, _resolve(args))
+    config = calib.config
     rows = [
         ("corpus", corpus.label + (f" ({corpus.note})" if corpus.note else "")),
         ("source", corpus.source),
@@ -223,11 +229,10 @@ def cmd_eval(args) -> None:
 
 
 def cmd_quantize(args) -> None:
-    from quantlab.data import CalibrationConfig, build_calibration, load_corpus
     from quantlab.formats.native import write_native
     from quantlab.methods import get_method
     from quantlab.methods.runner import quantize_model
-    from quantlab.models import load_model, load_tokenizer
+    from quantlab.models import load_model
 
     spec = get_method(args.method)
     options = {"bits": args.bits, "group_size": args.group_size}
@@ -245,20 +250,7 @@ def cmd_quantize(args) -> None:
     model_ref = _resolve(args)
     calibration = None
     if spec.needs_calibration or args.imatrix:
-        calib_config = CalibrationConfig(
-            corpus=args.calib,
-            split=args.split,
-            n_samples=args.n_samples,
-            seq_len=args.seq_len,
-            seed=args.seed,
-        )
-        corpus = load_corpus(
-            calib_config.corpus,
-            calib_config.split,
-            data_root=args.data_root,
-            fallback=args.allow_fallback,
-        )
-        calibration = build_calibration(load_tokenizer(model_ref), corpus, calib_config)
+        corpus, calibration = _calibration(args, model_ref)
         print(
             f"calibration: {corpus.label}, {args.n_samples} x {args.seq_len} tokens, "
             f"sha256 {calibration.sha256[:16]}",
@@ -325,17 +317,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("corpora", help="list corpora and where each would be read from").set_defaults(
         func=cmd_corpora
     )
+
+    def calibration_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--calib", default="c4", help="corpus name or .txt/.jsonl path (c4)")
+        p.add_argument("--split", default=None, help="corpus split (default: the corpus's first)")
+        p.add_argument("--n-samples", type=int, default=128)
+        p.add_argument("--seq-len", type=int, default=2048)
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument(
+            "--allow-fallback",
+            action="store_true",
+            help="use the embedded pydoc corpus if the corpus is unavailable",
+        )
+
     p = model_cmd("calibrate", "draw a calibration set and print its hash (its provenance)")
-    p.add_argument("--calib", default="c4", help="corpus name or .txt/.jsonl path (default c4)")
-    p.add_argument("--split", default=None, help="corpus split (default: the corpus's first)")
-    p.add_argument("--n-samples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--allow-fallback",
-        action="store_true",
-        help="use the embedded pydoc corpus if the corpus is unavailable",
-    )
+    calibration_args(p)
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser(
@@ -395,11 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--act-order", action="store_true", help="GPTQ desc_act")
     p.add_argument("--static-groups", action="store_true", help="GPTQ static groups")
     p.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ damping")
-    p.add_argument("--calib", default="c4", help="calibration corpus (default c4)")
-    p.add_argument("--split", default=None)
-    p.add_argument("--n-samples", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=2048)
-    p.add_argument("--seed", type=int, default=0)
+    calibration_args(p)
     p.add_argument(
         "--calib-dtype",
         default="float32",
@@ -408,11 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--imatrix", action="store_true", help="calibrate RTN too, to record the importance matrix"
-    )
-    p.add_argument(
-        "--allow-fallback",
-        action="store_true",
-        help="use the embedded pydoc corpus if the corpus is unavailable",
     )
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.set_defaults(func=cmd_quantize)

@@ -150,16 +150,16 @@ def test_pipeline_quantizes_every_linear_of_every_architecture(
         assert result.modified and all("norm" in n or "proj" in n for n in result.modified)
 
 
-def test_gptq_beats_rtn_on_block_outputs(tiny_models, calibration):
+def first_block_errors(tiny_models, calibration, variants) -> dict[str, float]:
+    """Mean squared error of block 0's output after each (method, config), same inputs."""
     from quantlab.methods.runner import _capture_first_block_inputs
 
     model_ref = resolve_model(str(tiny_models["tiny-llama"]))
     arch = arch_spec("LlamaForCausalLM")
     ids = torch.as_tensor(calibration.input_ids)
     errors = {}
-    for method, config in (("rtn", RTNConfig(3, 64)), ("gptq", GPTQConfig(3, 64, sym=False))):
-        model = load_model(model_ref)
-        reference = load_model(model_ref)
+    for method, config in variants:
+        model, reference = load_model(model_ref), load_model(model_ref)
         hidden, kwargs = _capture_first_block_inputs(reference, arch, ids, torch.float32, "cpu")
         with torch.inference_mode():
             want = reference.model.layers[0](hidden, **kwargs)
@@ -167,6 +167,12 @@ def test_gptq_beats_rtn_on_block_outputs(tiny_models, calibration):
         with torch.inference_mode():
             got = model.model.layers[0](hidden, **kwargs)
         errors[method] = float(((got - want) ** 2).mean())
+    return errors
+
+
+def test_gptq_beats_rtn_on_block_outputs(tiny_models, calibration):
+    variants = (("rtn", RTNConfig(3, 64)), ("gptq", GPTQConfig(3, 64, sym=False)))
+    errors = first_block_errors(tiny_models, calibration, variants)
     assert errors["gptq"] < errors["rtn"]
 
 
@@ -194,19 +200,6 @@ def test_folding_awq_scales_leaves_the_unquantized_block_unchanged(tiny_models, 
 
 
 def test_awq_beats_rtn_on_block_outputs(tiny_models, calibration):
-    from quantlab.methods.runner import _capture_first_block_inputs
-
-    model_ref = resolve_model(str(tiny_models["tiny-llama"]))
-    arch = arch_spec("LlamaForCausalLM")
-    ids = torch.as_tensor(calibration.input_ids)
-    errors = {}
-    for method, config in (("rtn", RTNConfig(3, 64)), ("awq", AWQConfig(3, 64))):
-        model, reference = load_model(model_ref), load_model(model_ref)
-        hidden, kwargs = _capture_first_block_inputs(reference, arch, ids, torch.float32, "cpu")
-        with torch.inference_mode():
-            want = reference.model.layers[0](hidden, **kwargs)
-        quantize_model(model, arch, method, config, calibration, progress=False)
-        with torch.inference_mode():
-            got = model.model.layers[0](hidden, **kwargs)
-        errors[method] = float(((got - want) ** 2).mean())
+    variants = (("rtn", RTNConfig(3, 64)), ("awq", AWQConfig(3, 64)))
+    errors = first_block_errors(tiny_models, calibration, variants)
     assert errors["awq"] < errors["rtn"]
