@@ -25,6 +25,7 @@ from quantlab.errors import ConfigError
 from quantlab.eval.kld import (
     CachedReference,
     KLDResult,
+    LiveReference,
     ReferenceRecorder,
     build_reference,
     evaluate_against_reference,
@@ -169,9 +170,9 @@ def _reference(spec: str, windows, cache: Path, stage_seconds: dict, target_runn
     reference = build_reference(runner, windows, progress=_progress(f"reference {spec}"))
     if isinstance(reference, CachedReference):
         reference.save(cached)
+        if hasattr(runner, "close"):
+            runner.close()
     stage_seconds["reference"] = time.perf_counter() - start
-    if hasattr(runner, "close"):
-        runner.close()
     return reference, cached
 
 
@@ -229,6 +230,8 @@ def evaluate(
                     ppl, kld = evaluate_against_reference(runner, windows, ref, _progress(label))
                     if isinstance(ref, ReferenceRecorder):
                         ref.reference.save(ref_file)
+                    if isinstance(ref, LiveReference) and hasattr(ref.runner, "close"):
+                        ref.runner.close()
                     metrics.kld = kld
                     metrics.reference = ref.name
                 else:

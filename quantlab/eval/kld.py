@@ -88,20 +88,30 @@ class CachedReference:
 
 
 class LiveReference:
-    """A reference that is simply run again on each window (no cache)."""
+    """A reference that is run again on each window (no cache), alongside the evaluated model.
+
+    Its negative log-likelihoods are recorded as windows are served, so the reference runs once.
+    """
 
     def __init__(self, runner, windows: TokenWindows):
         self.runner, self.windows, self.name = runner, windows, runner.name
         self.windows_sha256 = windows.sha256
-        targets, per = windows.targets(), windows.scored_per_window
-        self.nll = np.concatenate(
-            [nll_of(self.logprobs(i, per), targets[i]) for i in range(windows.ids.shape[0])]
-        )
+        self._nll: dict[int, np.ndarray] = {}
 
     def logprobs(self, window: int, per: int) -> np.ndarray:
         ids = self.windows.ids[window]
-        logits = self.runner.logits(ids)
-        return log_softmax(logits[self.windows.first_scored : len(ids) - 1])
+        lp = log_softmax(self.runner.logits(ids)[self.windows.first_scored : len(ids) - 1])
+        self._nll[window] = nll_of(lp, self.windows.targets()[window])
+        return lp
+
+    @property
+    def nll(self) -> np.ndarray:
+        """(N,) float64 over every window (each window is run if it has not been served yet)."""
+        per = self.windows.scored_per_window
+        for i in range(self.windows.ids.shape[0]):
+            if i not in self._nll:
+                self.logprobs(i, per)
+        return np.concatenate([self._nll[i] for i in range(self.windows.ids.shape[0])])
 
 
 def build_reference(runner, windows: TokenWindows, progress=None):

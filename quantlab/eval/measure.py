@@ -17,7 +17,6 @@ import math
 import os
 import platform
 import statistics
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -178,9 +177,3 @@ def hardware_info() -> HardwareInfo:
     except ImportError:  # pragma: no cover
         pass
     return HardwareInfo(cpu, os.cpu_count() or 1, gpu, platform.platform(), versions)
-
-
-def timed(fn, *args, **kwargs) -> tuple[object, float]:
-    start = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - start

@@ -21,11 +21,13 @@ The searched scales and clips are returned as data (`AWQSearch`) so they can be 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import torch
 
+from quantlab.errors import ConfigError
 from quantlab.methods import register_method
 from quantlab.primitives import check_bits_and_group, fake_quantize, quantize_rtn
 
@@ -41,8 +43,6 @@ class AWQConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        from quantlab.errors import ConfigError
-
         check_bits_and_group(self.bits, self.group_size)
         if self.n_grid < 1:
             raise ConfigError(f"n_grid must be >= 1, got {self.n_grid}")
@@ -117,10 +117,7 @@ def quantize_clipped(W: torch.Tensor, max_val: torch.Tensor | None, cfg: AWQConf
     if max_val is not None:
         bound = _expand(max_val, W, size)
         W = torch.maximum(torch.minimum(W, bound), -bound)
-    qw = quantize_rtn(W, cfg.bits, cfg.group_size, cfg.sym)
-    return type(qw)(
-        qw.qweight, qw.scales, qw.zeros, qw.g_idx, qw.bits, qw.group_size, qw.sym, dtype
-    )
+    return dataclasses.replace(quantize_rtn(W, cfg.bits, cfg.group_size, cfg.sym), dtype=dtype)
 
 
 @dataclass(frozen=True)

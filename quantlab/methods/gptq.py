@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantlab.errors import ConfigError
 from quantlab.methods import register_method
 from quantlab.primitives import check_bits_and_group, quantize_codes, scale_zero
 from quantlab.types import QuantizedWeight
@@ -42,8 +43,6 @@ class GPTQConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
-        from quantlab.errors import ConfigError
-
         check_bits_and_group(self.bits, self.group_size)
         if not 0 < self.damp_percent < 1:
             raise ConfigError(f"damp_percent must be in (0, 1), got {self.damp_percent}")
