@@ -5,3 +5,11 @@ functions that need them. See docs/ARCHITECTURE.md for the pipeline and the publ
 """
 
 __version__ = "0.1.0"
+
+
+def load(path, *, dtype: str = "float32", verify: bool = True):
+    """Load a quantized checkpoint (GPTQ, AWQ, compressed-tensors or quantlab-native) into a
+    transformers model: ``(model, LoadedCheckpoint)``. See `quantlab.formats.loader`."""
+    from quantlab.formats.loader import load as _load
+
+    return _load(path, dtype=dtype, verify=verify)

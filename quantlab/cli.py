@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from quantlab import __version__
 from quantlab.errors import QuantlabError
@@ -228,7 +229,71 @@ def cmd_eval(args) -> None:
         print(f"wrote {args.json}")
 
 
+def cmd_quantize_gguf(args) -> None:
+    """``--format gguf``: llama.cpp's quantization of the full-precision GGUF, with quantlab's
+    importance matrix from the calibration set when ``--imatrix`` is given."""
+    from quantlab import settings
+    from quantlab.fingerprint import content_sha256
+    from quantlab.formats.gguf_quant import (
+        full_precision_gguf,
+        quantize_gguf,
+        tensor_types,
+        type_mix,
+        write_imatrix_gguf,
+    )
+    from quantlab.methods.runner import collect_imatrix
+    from quantlab.models import load_model
+
+    if args.method:
+        raise QuantlabError("--format gguf quantizes with llama.cpp: leave out --method")
+    if not args.gguf_type:
+        raise QuantlabError("--format gguf needs --gguf-type (e.g. Q4_K_M)")
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise QuantlabError(f"--out for --format gguf is a .gguf file path, got {out}")
+    model_ref = _resolve(args)
+    src = full_precision_gguf(model_ref, settings.cache_dir(args.cache))
+    imatrix = calibration = None
+    if args.imatrix:
+        corpus, calibration = _calibration(args, model_ref)
+        print(f"calibration: {corpus.label}, sha256 {calibration.sha256[:16]}", file=sys.stderr)
+        model = load_model(model_ref)
+        imatrix, rows = collect_imatrix(
+            model, model_ref.folder.arch, calibration, calib_dtype=args.calib_dtype
+        )
+        imatrix_file = out.with_name(out.stem + ".imatrix.gguf")
+        write_imatrix_gguf(imatrix_file, imatrix, rows, [corpus.label], args.seq_len)
+        print(f"wrote {imatrix_file} (llama-quantize --imatrix reads it)")
+    quantize_gguf(
+        src,
+        out,
+        args.gguf_type,
+        imatrix=imatrix,
+        calibration_sha256=calibration.sha256 if calibration else None,
+    )
+    mix = type_mix(out)
+    manifest = {
+        "format": "gguf",
+        "gguf_type": args.gguf_type.upper(),
+        "source_gguf": {"path": str(src), "sha256": content_sha256(src)},
+        "source": {"spec": model_ref.spec, "path": str(model_ref.path)},
+        "imatrix": bool(imatrix),
+        "calibration": calibration.provenance() if calibration else None,
+        "type_mix": mix,
+        "tensor_types": tensor_types(out),
+        "files": {out.name: content_sha256(out)},
+    }
+    manifest_path = out.with_name(out.name + ".manifest.json")
+    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {out}: {', '.join(f'{n} {t}' for t, n in mix.items())}")
+
+
 def cmd_quantize(args) -> None:
+    if args.format == "gguf":
+        return cmd_quantize_gguf(args)
+    if not args.method:
+        raise QuantlabError("--method is required (rtn, gptq or awq) unless --format gguf")
+    from quantlab.formats.checkpoint import read_manifest, write_checkpoint
     from quantlab.formats.native import write_native
     from quantlab.methods import get_method
     from quantlab.methods.runner import quantize_model
@@ -260,8 +325,14 @@ def cmd_quantize(args) -> None:
     result = quantize_model(
         model, model_ref.folder.arch, args.method, config, calibration, calib_dtype=args.calib_dtype
     )
-    out = write_native(result, model_ref, args.out)
     print(f"{args.method} {config}: {len(result.weights)} linears in {result.seconds:.1f} s")
+    if args.format == "native":
+        out = write_native(result, model_ref, args.out)
+    else:
+        fmt = "gptq_v2" if args.format == "gptq" and args.gptq_format == "v2" else args.format
+        out = write_checkpoint(fmt, result, model, model_ref, args.out)
+        for note in read_manifest(out)["notes"]:
+            print(f"note: {note}")
     print(
         f"wrote {out} (evaluate it with: quantlab eval {out} --ppl wikitext2 --kld "
         f"--reference {args.model})"
@@ -381,8 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
-    p = model_cmd("quantize", "quantize a model with RTN, GPTQ or AWQ (quantlab-native artifact)")
-    p.add_argument("--method", required=True, choices=["rtn", "gptq", "awq"])
+    p = model_cmd("quantize", "quantize a model with RTN, GPTQ or AWQ; write a checkpoint")
+    p.add_argument("--method", choices=["rtn", "gptq", "awq"], help="required unless --format gguf")
     p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
     p.add_argument("--group-size", type=int, default=128, help="-1 = per output channel")
     sym = p.add_mutually_exclusive_group()
@@ -399,7 +470,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtype of the calibration forward passes (weights are solved in fp32)",
     )
     p.add_argument(
-        "--imatrix", action="store_true", help="calibrate RTN too, to record the importance matrix"
+        "--imatrix",
+        action="store_true",
+        help="measure the importance matrix on the calibration set (RTN: recorded in the "
+        "artifact; GGUF: fed to llama.cpp's quantization)",
+    )
+    p.add_argument(
+        "--format",
+        default="native",
+        choices=["native", "gptq", "awq", "gguf"],
+        help="native: quantlab's exact tensors; gptq: GPTQ checkpoint (transformers, vLLM, "
+        "GPTQModel); awq: AWQ GEMM checkpoint (4-bit); gguf: llama.cpp quantization (--gguf-type)",
+    )
+    p.add_argument(
+        "--gguf-type", help="GGUF type for --format gguf: Q8_0, Q6_K, Q4_K_M, IQ4_XS, ..."
+    )
+    p.add_argument(
+        "--gptq-format",
+        default="v1",
+        choices=["v1", "v2"],
+        help="GPTQ checkpoint_format: v1 (every loader; cannot store a zero point of 0) or v2 "
+        "(GPTQModel)",
     )
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.set_defaults(func=cmd_quantize)

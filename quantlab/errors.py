@@ -46,3 +46,7 @@ class ConfigError(QuantlabError):
 
 class MissingDependencyError(QuantlabError):
     """An optional package needed for this feature is not installed."""
+
+
+class FormatError(QuantlabError):
+    """A result cannot be written in the requested checkpoint format without losing something."""

@@ -6,13 +6,14 @@ the conventions of the GPTQ reference code (``quant.py``) that GPTQ checkpoints 
 - symmetric: ``xmax = max(|xmin|, xmax)``, ``xmin = -xmax``, zero point ``2**(bits-1)``;
 - asymmetric: zero point ``round(-xmin / scale)`` (an integer in [0, 2**bits - 1]);
 - ``scale = (xmax - xmin) / (2**bits - 1)``; an all-zero group gets the range [-1, 1];
+- scales are rounded *up* to a float16 value (at least 2**-24, the smallest float16), so that the
+  fp16 ``scales`` of every checkpoint format hold them exactly (a written checkpoint dequantizes to
+  the very values the method computed with) while the range still covers the group;
 - codes ``q = clamp(round(w / scale) + zero, 0, 2**bits - 1)``, values ``scale * (q - zero)``.
 A group size that does not divide ``in_features`` leaves a shorter last group.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -29,6 +30,16 @@ def check_bits_and_group(bits: int, group_size: int) -> None:
         raise ConfigError(f"group_size must be -1 (per channel) or >= 1, got {group_size}")
 
 
+def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 value >= ``x`` (as float32): rounding a scale up keeps the group's
+    whole range representable, so every code stays within half a step of its weight."""
+    half = x.half()
+    below = half.float() < x
+    return torch.where(
+        below, torch.nextafter(half, torch.full_like(half, float("inf"))), half
+    ).float()
+
+
 def scale_zero(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and integer zero point of ``w`` (rows, cols), each (rows, 1) float32."""
     maxq = 2**bits - 1
@@ -41,8 +52,10 @@ def scale_zero(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, tor
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -1.0, xmin)
     xmax = torch.where(empty, 1.0, xmax)
-    scale = (xmax - xmin) / maxq
-    zero = torch.full_like(scale, (maxq + 1) // 2) if sym else torch.round(-xmin / scale)
+    scale = _fp16_at_least(torch.clamp((xmax - xmin) / maxq, min=2**-24))
+    zero = (
+        torch.full_like(scale, (maxq + 1) // 2) if sym else (-xmin / scale).round().clamp(0, maxq)
+    )
     return scale, zero
 
 
@@ -57,29 +70,48 @@ def natural_g_idx(in_features: int, group_size: int) -> torch.Tensor:
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
-    """Round-to-nearest quantization of a (out, in) weight, group by group."""
+    """Round-to-nearest quantization of a (out, in) weight, group by group (all groups at once:
+    the same values as quantizing each group on its own)."""
     check_bits_and_group(bits, group_size)
     out, cols = w.shape
     size = group_size if group_size > 0 else cols
-    groups = math.ceil(cols / size)
-    codes = torch.empty(out, cols, dtype=torch.uint8)
-    scales = torch.empty(out, groups, dtype=torch.float32)
-    zeros = torch.empty(out, groups, dtype=torch.uint8)
-    for g in range(groups):
-        cols_g = slice(g * size, min((g + 1) * size, cols))
-        scale, zero = scale_zero(w[:, cols_g], bits, sym)
-        codes[:, cols_g] = quantize_codes(w[:, cols_g], scale, zero, bits).to(torch.uint8)
-        scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0].to(torch.uint8)
+    full = cols // size
+    dtype, w = w.dtype, w.float()
+    parts = []  # (codes, scales, zeros) of the whole groups, then of a shorter last group
+    if full:
+        head = w[:, : full * size].reshape(out * full, size)
+        scale, zero = scale_zero(head, bits, sym)
+        codes = quantize_codes(head, scale, zero, bits).reshape(out, full * size)
+        parts.append((codes, scale.reshape(out, full), zero.reshape(out, full)))
+    if full * size < cols:
+        tail = w[:, full * size :]
+        scale, zero = scale_zero(tail, bits, sym)
+        parts.append((quantize_codes(tail, scale, zero, bits), scale, zero))
+    codes = torch.cat([p[0] for p in parts], dim=1).to(torch.uint8)
+    scales = torch.cat([p[1] for p in parts], dim=1)
+    zeros = torch.cat([p[2] for p in parts], dim=1).to(torch.uint8)
     g_idx = natural_g_idx(cols, group_size)
-    return QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym, w.dtype)
+    return QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym, dtype)
 
 
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """``scales[o, g_idx[i]] * (qweight[o, i] - zeros[o, g_idx[i]])`` as float32 (out, in)."""
-    g = qw.g_idx.long()
-    scales = qw.scales[:, g]
-    zeros = qw.zeros[:, g].float()
-    return scales * (qw.qweight.float() - zeros)
+    if qw.act_order:
+        g = qw.g_idx.long()
+        return qw.scales[:, g] * (qw.qweight.float() - qw.zeros[:, g].float())
+    # consecutive groups: broadcast each group's scale and zero (no gather), same values
+    out, cols = qw.qweight.shape
+    size = qw.group_size if qw.group_size > 0 else cols
+    full = cols // size
+    codes = qw.qweight.float()
+    values = torch.empty(out, cols, dtype=torch.float32, device=codes.device)
+    head = values[:, : full * size].view(out, full, size)
+    zeros, scales = qw.zeros[:, :full].float()[:, :, None], qw.scales[:, :full, None]
+    torch.mul(codes[:, : full * size].view(out, full, size) - zeros, scales, out=head)
+    if full * size < cols:  # a shorter last group
+        tail = codes[:, full * size :] - qw.zeros[:, full:].float()
+        values[:, full * size :] = tail * qw.scales[:, full:]
+    return values
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:

@@ -42,11 +42,16 @@ def test_rtn_codes_round_trip_and_error_is_bounded(bits, group_size, sym):
 
 
 def test_all_zero_group_and_constant_row_are_exact():
+    """Exact up to the float16 rounding of the scale (relative 2**-10), which every checkpoint
+    format needs; an all-zero group stays exactly zero."""
     W = torch.zeros(3, 64)
     W[1] = 0.5
     W[2, 32:] = -1.25
-    deq = fake_quantize(W, 4, 32, sym=False)
-    torch.testing.assert_close(deq, W)
+    qw = quantize_rtn(W, 4, 32, sym=False)
+    deq = qw.dequantize()
+    torch.testing.assert_close(deq, W, rtol=2**-10, atol=0)
+    assert torch.equal(deq[0], W[0]) and torch.equal(deq[2, :32], W[2, :32])
+    assert torch.equal(qw.scales.half().float(), qw.scales)
 
 
 def test_group_size_that_does_not_divide_leaves_a_short_last_group():
@@ -128,6 +133,24 @@ def calibration(tiny_models):
     return build_calibration(tok, load_corpus("pydoc"), CalibrationConfig("pydoc", "all", 4, 64))
 
 
+def test_gptq_importance_matrix_from_its_hessian_equals_the_measured_one(tiny_models, calibration):
+    """GPTQ records mean(x^2) as diag(H)/2 instead of a second pass over the inputs: the first
+    block's inputs are the same for every method, so its imatrix must match RTN's measured one."""
+    model_ref = resolve_model(str(tiny_models["tiny-llama"]))
+    arch = arch_spec("LlamaForCausalLM")
+    results = {}
+    for method in ("rtn", "gptq"):
+        config = get_method(method).config_cls(bits=4, group_size=64)
+        model = load_model(model_ref)
+        results[method] = quantize_model(model, arch, method, config, calibration, progress=False)
+    for lin in ("self_attn.q_proj", "self_attn.k_proj"):  # later groups see quantized inputs
+        name = f"{arch.blocks}.0.{lin}"
+        torch.testing.assert_close(
+            results["gptq"].imatrix[name], results["rtn"].imatrix[name], rtol=1e-5, atol=1e-7
+        )
+    assert results["gptq"].imatrix_tokens == results["rtn"].imatrix_tokens == 4 * 64
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
 @pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
 def test_pipeline_quantizes_every_linear_of_every_architecture(
@@ -203,3 +226,28 @@ def test_awq_beats_rtn_on_block_outputs(tiny_models, calibration):
     variants = (("rtn", RTNConfig(3, 64)), ("awq", AWQConfig(3, 64)))
     errors = first_block_errors(tiny_models, calibration, variants)
     assert errors["awq"] < errors["rtn"]
+
+
+def test_collect_imatrix_is_the_mean_square_input_of_every_linear(tiny_models, calibration):
+    from quantlab.methods.runner import collect_imatrix
+
+    model = load_model(resolve_model(str(tiny_models["tiny-qwen2"])))
+    arch = arch_spec("Qwen2ForCausalLM")
+    imatrix, rows = collect_imatrix(model, arch, calibration, progress=False)
+    expected, hooks = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(arch.blocks):
+
+            def grab(_m, args, name=name):
+                x = args[0].reshape(-1, args[0].shape[-1]).double()
+                expected[name] = (x.square().mean(dim=0).float(), x.shape[0])
+
+            hooks.append(module.register_forward_pre_hook(grab))
+    with torch.no_grad():
+        model(torch.as_tensor(calibration.input_ids))
+    for h in hooks:
+        h.remove()
+    assert set(imatrix) == set(expected) and rows == 4 * 64
+    for name, (mean, n) in expected.items():
+        assert n == rows
+        torch.testing.assert_close(imatrix[name], mean, rtol=1e-5, atol=1e-8)

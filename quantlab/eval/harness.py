@@ -136,15 +136,22 @@ def open_runner(target: str, *, n_ctx: int = 2048, dtype: str = "float32", cache
 
     if target.endswith(".gguf"):
         return LlamaCppRunner(target, n_ctx=n_ctx), Path(target)
-    from quantlab.formats.native import apply_native, is_native, read_native
+    from quantlab.formats.loader import detect_format, load
+    from quantlab.formats.native import apply_native, read_native
     from quantlab.models import load_model, load_tokenizer, resolve_model
 
-    if is_native(target):  # quantlab artifact: its tensors applied to its source model
+    fmt = detect_format(target)
+    if fmt == "quantlab-native":  # quantlab artifact: its tensors applied to its source model
         artifact = read_native(target)
         source = resolve_model(artifact.manifest["source"]["path"], cache=cache)
         hf_model = load_model(source, dtype=dtype)
         apply_native(hf_model, artifact)
         return HFRunner(hf_model, load_tokenizer(source), target), Path(target)
+    if fmt is not None:  # a GPTQ / AWQ / compressed-tensors checkpoint, quantized linears kept
+        from transformers import AutoTokenizer
+
+        hf_model, _ = load(target, dtype=dtype)
+        return HFRunner(hf_model, AutoTokenizer.from_pretrained(target), target), Path(target)
     model = resolve_model(target, cache=cache)
     runner = HFRunner(load_model(model, dtype=dtype), load_tokenizer(model), target)
     return runner, model.path

@@ -33,6 +33,17 @@ class SizeResult:
     bits_per_weight: float
 
 
+_QUANT_OVERHEAD = {
+    "qzeros",
+    "scales",
+    "g_idx",
+    "weight_scale",
+    "weight_zero_point",
+    "weight_shape",
+    "weight_g_idx",
+}
+
+
 def size_of(path: str | os.PathLike) -> SizeResult:
     """Size of a GGUF file or an HF folder and its bits per weight."""
     path = Path(path)
@@ -56,11 +67,28 @@ def size_of(path: str | os.PathLike) -> SizeResult:
         tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
         weights = sum(int(t.n_elements) for t in reader.tensors)
     else:
+        from quantlab.formats.loader import detect_format
         from quantlab.models.folder import SAFETENSORS_DTYPE_SIZES, read_safetensors_header
 
-        infos = [t for f in sorted(path.glob("*.safetensors")) for t in read_safetensors_header(f)]
+        fmt = detect_format(path)
+        bits = None
+        if fmt is not None:
+            qc = json.loads((path / "config.json").read_text())["quantization_config"]
+            if fmt == "compressed-tensors":
+                groups = qc.get("config_groups") or {}
+                bits = next(int(g["weights"]["num_bits"]) for g in groups.values())
+            else:
+                bits = int(qc.get("bits", 4))
+        files = sorted(p for p in path.glob("*.safetensors") if p.name != "imatrix.safetensors")
+        infos = [t for f in files for t in read_safetensors_header(f)]
         tensor_bytes = sum(t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype] for t in infos)
-        weights = sum(t.numel for t in infos)
+        weights = 0
+        for t in infos:
+            part = t.name.rsplit(".", 1)[-1]
+            if bits and part in ("qweight", "weight_packed"):
+                weights += t.numel * 32 // bits  # int32 words of packed codes
+            elif not bits or part not in _QUANT_OVERHEAD:
+                weights += t.numel
     return SizeResult(on_disk, tensor_bytes, weights, 8 * tensor_bytes / max(weights, 1))
 
 

@@ -40,6 +40,9 @@ class AWQConfig:
     n_grid: int = 20
     clip: bool = True
     max_shrink: float = 0.5
+    # rank candidates with bf16 arithmetic on CPU (`output_error`, `accumulate_hessian`): 1.3x
+    # faster on SmolLM2 but its perplexity came out 1.5% worse, so off by default
+    fast_search: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -51,8 +54,13 @@ class AWQConfig:
 
 
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """``tr(dW H dW^T)``: the summed squared output error of a weight error ``dW`` (out, in)."""
-    return torch.sum((dW @ H) * dW)
+    """``tr(dW H dW^T)``: the summed squared output error of a weight error ``dW`` (out, in).
+
+    A bfloat16 ``H`` (the search's fast mode) multiplies in bf16 (8 significant bits, float32
+    sums inside the product): several times faster on CPUs with bf16 units, and precise enough to
+    rank search candidates; the final sum is float32 either way."""
+    product = (dW.to(H.dtype) @ H).float()
+    return torch.sum(product * dW)
 
 
 def search_scale(
@@ -60,6 +68,7 @@ def search_scale(
 ) -> tuple[torch.Tensor, float]:
     """The per-input-channel scale ``s`` (in,) minimising the group's output error, and alpha."""
     best = (math.inf, torch.ones_like(act_mean), 0.0)
+    H_search = H.bfloat16() if cfg.fast_search and H.device.type == "cpu" else H
     for step in range(cfg.n_grid):
         alpha = step / cfg.n_grid
         s = act_mean.pow(alpha).clamp(min=1e-4)
@@ -67,7 +76,7 @@ def search_scale(
         loss = 0.0
         for W in weights:
             q = fake_quantize(W * s, cfg.bits, cfg.group_size, cfg.sym) / s
-            loss += float(output_error(q - W, H))
+            loss += float(output_error(q - W, H_search))
         if loss < best[0]:
             best = (loss, s, alpha)
     return best[1], best[2]
@@ -136,8 +145,10 @@ def quantize_block(ctx, config: AWQConfig) -> None:
     def collect(group, x) -> None:
         from quantlab.methods.gptq import accumulate_hessian
 
-        flat = x.reshape(-1, x.shape[-1]).float()
-        stats[group] = (accumulate_hessian(None, 0, flat)[0], flat.abs().mean(dim=0))
+        # the Hessian from x as it is (bf16 calibration: bf16 units, float32 sums)
+        act_mean = x.reshape(-1, x.shape[-1]).float().abs().mean(dim=0)
+        H = accumulate_hessian(None, 0, x, exact=not config.fast_search)[0]
+        stats[group] = (H, act_mean)
 
     ctx.forward(on_group_input=collect)
     scales, alphas, clips = {}, {}, {}

@@ -20,13 +20,14 @@ Linears that share an input share ``H``, so their rows are stacked and solved in
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from quantlab.errors import ConfigError
 from quantlab.methods import register_method
-from quantlab.primitives import check_bits_and_group, quantize_codes, scale_zero
+from quantlab.primitives import check_bits_and_group, scale_zero
 from quantlab.types import QuantizedWeight
 
 
@@ -50,15 +51,48 @@ class GPTQConfig:
             raise ConfigError(f"block_size must be >= 1, got {self.block_size}")
 
 
-def accumulate_hessian(H: torch.Tensor | None, n: int, x: torch.Tensor):
-    """Fold inputs ``x`` (..., in) into the running ``H = 2 X^T X / n``; returns ``(H, n)``."""
-    x = x.reshape(-1, x.shape[-1]).float()
+@contextmanager
+def _bf16_matmul_of_bf16_values():
+    """Let oneDNN multiply float32 matrices with bf16 units (CPU). Exact for inputs that are bf16
+    values: products of two bf16 numbers fit in float32, and the sums stay float32."""
+    backend = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if backend is None or not hasattr(backend, "fp32_precision"):
+        yield
+        return
+    before = backend.fp32_precision
+    backend.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        backend.fp32_precision = before
+
+
+def accumulate_hessian(
+    H: torch.Tensor | None, n: int, x: torch.Tensor, *, exact: bool = True, chunk: int = 2048
+):
+    """Fold inputs ``x`` (..., in) into the running ``H = 2 X^T X / n``; returns ``(H, n)``.
+
+    The product is float32 with float32 sums. When ``x`` is bfloat16 (``--calib-dtype
+    bfloat16``) its values are multiplied on the CPU's bf16 units with the same result (each
+    product of two bf16 values is exact in float32), about twice as fast. With ``exact=False``
+    (search criteria only, never GPTQ's solve: the result need not be positive definite) bf16
+    inputs are multiplied natively in ``chunk``-row slices whose sums are rounded to bf16 before
+    the float32 total (about 1e-3 relative per entry), four times as fast as float32.
+    """
+    low = x.dtype == torch.bfloat16 and x.device.type == "cpu"
+    x = x.reshape(-1, x.shape[-1])
     m = x.shape[0]
     if H is None:
         H = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
     H.mul_(n / (n + m))
-    x = x * math.sqrt(2 / (n + m))
-    H.addmm_(x.T, x)
+    if low and not exact:
+        for i in range(0, m, chunk):
+            part = x[i : i + chunk]
+            H.add_((part.T @ part).float(), alpha=2 / (n + m))
+        return H, n + m
+    x = x.float()
+    with _bf16_matmul_of_bf16_values() if low else nullcontext():
+        H.addmm_(x.T, x, alpha=2 / (n + m))
     return H, n + m
 
 
@@ -91,34 +125,40 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> Quantize
     except torch.linalg.LinAlgError as exc:
         raise ValueError(f"Hessian is not positive definite; raise damp_percent ({exc})") from None
 
-    Q = torch.zeros_like(W)
+    # Work on transposed copies: column ``c`` of W is row ``c`` of ``Wt`` (contiguous), so the
+    # per-column steps below touch contiguous memory and the error update is one rank-1 ``addr_``.
+    Wt = W.T.contiguous()
+    Qt = torch.zeros_like(Wt)
+    maxq = 2**bits - 1
     group_of = torch.zeros(cols, dtype=torch.int32)  # group of each column, in processing order
     s = z = None
     for i1 in range(0, cols, cfg.block_size):
         i2 = min(i1 + cfg.block_size, cols)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
             if cfg.static_groups:
                 g = int(perm[col] if perm is not None else col) // gs
-                s, z = scales[:, g : g + 1], zeros[:, g : g + 1]
+                s, z = scales[:, g], zeros[:, g]
             else:
                 g = col // gs
                 if col % gs == 0:
                     # the group's columns as updated so far (in this block, then later ones)
-                    group = torch.cat([W1[:, i : i + gs], W[:, i2 : col + gs]], dim=1)
-                    s, z = scale_zero(group, bits, sym)
-                    scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
-            w = W1[:, i]
-            q = quantize_codes(w[:, None], s, z, bits)[:, 0]
-            Q[:, col] = q
+                    group = torch.cat([W1[i : i + gs], Wt[i2 : col + gs]]).T
+                    s2, z2 = scale_zero(group, bits, sym)
+                    s, z = s2[:, 0], z2[:, 0]
+                    scales[:, g], zeros[:, g] = s, z
+            w = W1[i]
+            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
+            Qt[col] = q
             group_of[col] = g
-            err = (w - s[:, 0] * (q - z[:, 0])) / Hinv1[i, i]
-            W1[:, i:].sub_(err[:, None] * Hinv1[i, i:][None, :])
-            Err1[:, i] = err
-        W[:, i2:].sub_(Err1 @ Hinv[i1:i2, i2:])
+            err = (w - s * (q - z)) / Hinv1[i, i]
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+            Err1[i] = err
+        Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
+    Q = Qt.T
 
     g_idx = group_of
     if perm is not None:
@@ -159,13 +199,16 @@ def quantize_block(ctx, config: GPTQConfig) -> None:
         for name, qw in zip(group.linears, split_rows(stacked, sizes, dtypes), strict=True):
             ctx.set_quantized(name, qw)
 
+    def hessian(group, x) -> torch.Tensor:
+        H, n = accumulate_hessian(None, 0, x)
+        ctx.record_imatrix(group, torch.diag(H) * (n / 2), n)  # H = 2 X^T X / n
+        return H
+
     if config.true_sequential:
         # one pass: each group is solved from its input just before it runs
-        ctx.forward(on_group_input=lambda group, x: solve(group, accumulate_hessian(None, 0, x)[0]))
+        ctx.forward(on_group_input=lambda group, x: solve(group, hessian(group, x)), imatrix=False)
         return
     hessians = {}
-    ctx.forward(
-        on_group_input=lambda g, x: hessians.__setitem__(g, accumulate_hessian(None, 0, x)[0])
-    )
+    ctx.forward(on_group_input=lambda g, x: hessians.__setitem__(g, hessian(g, x)), imatrix=False)
     for group, H in hessians.items():
         solve(group, H)

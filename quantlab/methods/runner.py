@@ -117,23 +117,39 @@ class BlockContext:
         return QuantlabError(f"{self.prefix}.{name}: {message}")
 
     # --- forward ----------------------------------------------------------------------------
-    def forward(self, on_group_input=None) -> torch.Tensor:
+    def record_imatrix(self, group: InputGroup, sum_sq: torch.Tensor, rows: int) -> None:
+        """Set the importance matrix of ``group``'s linears from a method's own statistics (the
+        sum of x^2 per input column over ``rows`` rows), when its forward passed
+        ``imatrix=False``."""
+        for name in group.linears:
+            stats = self._imatrix.get(f"{self.prefix}.{name}")
+            if stats is not None and stats[1] == 0:
+                stats[0], stats[1] = sum_sq.detach().float().cpu().clone(), rows
+
+    def forward(self, on_group_input=None, *, imatrix: bool = True) -> torch.Tensor:
         """Run the compute block on the calibration inputs; call ``on_group_input(group, x)`` with
-        each input group's input just before the group's first linear runs."""
+        each input group's input just before the group's first linear runs. With ``imatrix``
+        False the method records the importance matrix itself (`record_imatrix`)."""
         hooks = []
         first_of = {}
         for group in self.groups:
             first = min(group.linears, key=self.linear_names.index)
             first_of[first] = group
 
+        last = []  # [input tensor, its sum of squares per column, rows] (the tensor is kept so
+        # that an identity test cannot match a new tensor at a freed one's address)
+
         def pre_hook(name):
             def run(_module, args):
                 x = args[0]
                 stats = self._imatrix.get(f"{self.prefix}.{name}")
-                if stats is not None and stats[1] == 0:
-                    flat = x.reshape(-1, x.shape[-1]).float()
-                    stats[0] += flat.pow(2).sum(dim=0).cpu()
-                    stats[1] += flat.shape[0]
+                if imatrix and stats is not None and stats[1] == 0:
+                    if not last or last[0] is not x:  # linears sharing an input: computed once
+                        flat = x.reshape(-1, x.shape[-1])
+                        last[:] = [x, flat.float().square().sum(dim=0).cpu(), flat.shape[0]]
+                    _, sq, rows = last
+                    stats[0] += sq
+                    stats[1] += rows
                 if on_group_input is not None and name in first_of:
                     on_group_input(first_of[name], x)
 
@@ -150,6 +166,7 @@ class BlockContext:
             self._in_forward = False
             for h in hooks:
                 h.remove()
+        last.clear()
         self.outputs = out[0] if isinstance(out, tuple) else out
         self.outputs_stale = False
         return self.outputs
@@ -255,3 +272,38 @@ def quantize_model(
     result.seconds = time.perf_counter() - start
     stages["blocks"] = result.seconds - stages.get("capture", 0.0)
     return result
+
+
+def collect_imatrix(
+    model,
+    arch: ArchSpec,
+    calibration,
+    *,
+    calib_dtype: str = "float32",
+    device: str = "cpu",
+    progress: bool = True,
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The importance matrix of the *unquantized* model (what llama-imatrix measures): mean of x^2
+    per input column of every linear, from one pass over the calibration set. Returns the matrix
+    (full linear name -> (in,) float32) and the number of rows (tokens) it averages."""
+    from tqdm import tqdm
+
+    dtype = getattr(torch, calib_dtype)
+    ids = torch.as_tensor(np.asarray(calibration.input_ids))
+    hidden, kwargs = _capture_first_block_inputs(model, arch, ids, dtype, device)
+    blocks = model.get_submodule(arch.blocks)
+    stats: dict[str, list] = {
+        f"{arch.blocks}.{i}.{name}": [0.0, 0] for i in range(len(blocks)) for name in arch.linears
+    }
+    for i in tqdm(
+        range(len(blocks)), desc="imatrix", unit="block", file=sys.stderr, disable=not progress
+    ):
+        block = blocks[i]
+        compute = block
+        if dtype != torch.float32 or device != "cpu":
+            compute = copy.deepcopy(block).to(device=device, dtype=dtype)
+        ctx = BlockContext(f"{arch.blocks}.{i}", block, compute, arch, hidden, kwargs, stats)
+        hidden = ctx.forward()
+        del compute, ctx
+    rows = next(iter(stats.values()))[1]
+    return {k: (v[0] / v[1]).float() for k, v in stats.items()}, rows

