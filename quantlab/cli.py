@@ -7,6 +7,7 @@ print its result. User errors (`QuantlabError`) print one line and exit with sta
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -215,6 +216,7 @@ def cmd_eval(args) -> None:
         limit=args.limit,
         speed=args.speed,
         dtype=args.dtype,
+        gguf_runtime=args.gguf_runtime,
         allow_fallback=args.allow_fallback,
     )
     metrics = evaluate(
@@ -244,8 +246,6 @@ def cmd_quantize_gguf(args) -> None:
     from quantlab.methods.runner import collect_imatrix
     from quantlab.models import load_model
 
-    if args.method:
-        raise QuantlabError("--format gguf quantizes with llama.cpp: leave out --method")
     if not args.gguf_type:
         raise QuantlabError("--format gguf needs --gguf-type (e.g. Q4_K_M)")
     out = Path(args.out)
@@ -288,8 +288,37 @@ def cmd_quantize_gguf(args) -> None:
     print(f"wrote {out}: {', '.join(f'{n} {t}' for t, n in mix.items())}")
 
 
+def _write_lossless_gguf(args, result, model_ref) -> None:
+    """``--format gguf`` with ``--method``: the result's own codes and scales as GGUF blocks."""
+    from quantlab import settings
+    from quantlab.fingerprint import content_sha256
+    from quantlab.formats.gguf_lossless import write_lossless_gguf
+    from quantlab.formats.gguf_quant import full_precision_gguf, type_mix
+
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise QuantlabError(f"--out for --format gguf is a .gguf file path, got {out}")
+    if args.gguf_type:
+        raise QuantlabError("--gguf-type is for llama.cpp quantization (without --method)")
+    src = full_precision_gguf(model_ref, settings.cache_dir(args.cache))
+    config = json.loads((model_ref.path / "config.json").read_text())
+    out, types = write_lossless_gguf(result, src, out, config)
+    manifest = {
+        "format": "gguf",
+        "lossless_from": result.method,
+        "config": dataclasses.asdict(result.config),
+        "source_gguf": {"path": str(src), "sha256": content_sha256(src)},
+        "source": {"spec": model_ref.spec, "path": str(model_ref.path)},
+        "calibration": result.calibration,
+        "type_mix": type_mix(out),
+        "files": {out.name: content_sha256(out)},
+    }
+    out.with_name(out.name + ".manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    print(f"wrote {out}: {len(types)} linears as {', '.join(sorted(set(types.values())))} blocks")
+
+
 def cmd_quantize(args) -> None:
-    if args.format == "gguf":
+    if args.format == "gguf" and not args.method:
         return cmd_quantize_gguf(args)
     if not args.method:
         raise QuantlabError("--method is required (rtn, gptq or awq) unless --format gguf")
@@ -326,6 +355,8 @@ def cmd_quantize(args) -> None:
         model, model_ref.folder.arch, args.method, config, calibration, calib_dtype=args.calib_dtype
     )
     print(f"{args.method} {config}: {len(result.weights)} linears in {result.seconds:.1f} s")
+    if args.format == "gguf":
+        return _write_lossless_gguf(args, result, model_ref)
     if args.format == "native":
         out = write_native(result, model_ref, args.out)
     else:
@@ -444,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="documents per task")
     p.add_argument("--speed", action="store_true", help="prefill and decode tokens/s")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--gguf-runtime",
+        default="llama.cpp",
+        choices=["llama.cpp", "torch"],
+        help="run a .gguf in llama.cpp, or dequantized into transformers (weight quality only)",
+    )
     p.add_argument(
         "--allow-fallback",
         action="store_true",

@@ -60,10 +60,13 @@ class EvalConfig:
     speed_decode_tokens: int = 32
     speed_runs: int = 3
     dtype: str = "float32"  # for transformers models
+    gguf_runtime: str = "llama.cpp"  # or "torch": a .gguf dequantized by gguf into transformers
     allow_fallback: bool = False  # unavailable corpora become the embedded pydoc corpus
     version: int = 1
 
     def __post_init__(self) -> None:
+        if self.gguf_runtime not in ("llama.cpp", "torch"):
+            raise ConfigError(f"gguf_runtime must be llama.cpp or torch, got {self.gguf_runtime!r}")
         if self.kld and not self.perplexity:
             raise ConfigError("KL divergence needs a perplexity corpus (its tokens are shared)")
         if self.limit is not None and self.limit < 1:
@@ -130,12 +133,25 @@ def _progress(label: str):
     return update
 
 
-def open_runner(target: str, *, n_ctx: int = 2048, dtype: str = "float32", cache=None):
-    """A `LogitsRunner` for a ``.gguf`` file (llama.cpp) or any model spec (transformers)."""
+def open_runner(
+    target: str,
+    *,
+    n_ctx: int = 2048,
+    dtype: str = "float32",
+    cache=None,
+    gguf_runtime: str = "llama.cpp",
+):
+    """A `LogitsRunner` for a ``.gguf`` file (llama.cpp, or ``gguf_runtime="torch"``: every tensor
+    dequantized by ``gguf`` into a transformers model, for weight-quality numbers on the same
+    arithmetic as every other target) or any model spec / checkpoint (transformers)."""
     from quantlab.eval.runners import HFRunner, LlamaCppRunner
 
     if target.endswith(".gguf"):
-        return LlamaCppRunner(target, n_ctx=n_ctx), Path(target)
+        if gguf_runtime == "llama.cpp":
+            return LlamaCppRunner(target, n_ctx=n_ctx), Path(target)
+        if gguf_runtime != "torch":
+            raise ConfigError(f"gguf_runtime must be llama.cpp or torch, got {gguf_runtime!r}")
+        return HFRunner(*_gguf_in_transformers(Path(target), dtype), target), Path(target)
     from quantlab.formats.loader import detect_format, load
     from quantlab.formats.native import apply_native, read_native
     from quantlab.models import load_model, load_tokenizer, resolve_model
@@ -157,10 +173,45 @@ def open_runner(target: str, *, n_ctx: int = 2048, dtype: str = "float32", cache
     return runner, model.path
 
 
+def _gguf_in_transformers(path: Path, dtype: str):
+    """A GGUF file dequantized into a transformers model (transformers' GGUF loader, which
+    dequantizes every tensor with ``gguf`` and undoes llama.cpp's q/k row order), + tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantlab.formats.gguf_file import open_gguf
+
+    open_gguf(path)  # a corrupt file fails here with a clean error
+    kwargs = {"gguf_file": path.name}
+    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=getattr(torch, dtype), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    tokenizer.clean_up_tokenization_spaces = False
+    return model.eval(), tokenizer
+
+
+def _tokenizer_of(spec: str, cache) -> object:
+    """The transformers tokenizer of a model spec, quantized checkpoint or quantlab artifact."""
+    from transformers import AutoTokenizer
+
+    from quantlab.formats.loader import detect_format
+    from quantlab.formats.native import read_native
+    from quantlab.models import load_tokenizer, resolve_model
+
+    fmt = detect_format(spec)
+    if fmt == "quantlab-native":
+        spec = read_native(spec, verify=False).manifest["source"]["path"]
+    elif fmt is not None:
+        return AutoTokenizer.from_pretrained(spec)
+    return load_tokenizer(resolve_model(spec, cache=cache))
+
+
 def _reference_path(spec: str, cache: Path) -> Path:
+    from quantlab.formats.loader import detect_format
     from quantlab.models import resolve_model
 
-    return Path(spec) if spec.endswith(".gguf") else resolve_model(spec, cache=cache).path
+    if spec.endswith(".gguf") or detect_format(spec) is not None:  # a file or quantized artifact
+        return Path(spec)
+    return resolve_model(spec, cache=cache).path
 
 
 def _reference(spec: str, windows, cache: Path, stage_seconds: dict, target_runner, target_sha):
@@ -199,16 +250,16 @@ def evaluate(
     n_ctx = max([2048] + [p.n_ctx for p in config.perplexity])
     start = time.perf_counter()
     with peak_memory() as memory:
-        runner, path = open_runner(target, n_ctx=n_ctx, dtype=config.dtype, cache=cache)
+        runner, path = open_runner(
+            target, n_ctx=n_ctx, dtype=config.dtype, cache=cache, gguf_runtime=config.gguf_runtime
+        )
         stages["load"] = time.perf_counter() - start
         metrics = Metrics(target, runner.runtime, content_sha256(path), reference=reference)
         tok_runner = runner
         if reference is not None and not reference.endswith(".gguf"):
             from quantlab.eval.runners import HFTokenizer
-            from quantlab.models import load_tokenizer, resolve_model
 
-            ref_tokenizer = load_tokenizer(resolve_model(reference, cache=cache))
-            tok_runner = HFTokenizer(ref_tokenizer, reference)
+            tok_runner = HFTokenizer(_tokenizer_of(reference, cache), reference)
         try:
             for i, pconf in enumerate(config.perplexity):
                 t0 = time.perf_counter()
