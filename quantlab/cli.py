@@ -246,11 +246,7 @@ def cmd_quantize_gguf(args) -> None:
     from quantlab.methods.runner import collect_imatrix
     from quantlab.models import load_model
 
-    if not args.gguf_type:
-        raise QuantlabError("--format gguf needs --gguf-type (e.g. Q4_K_M)")
     out = Path(args.out)
-    if out.suffix != ".gguf":
-        raise QuantlabError(f"--out for --format gguf is a .gguf file path, got {out}")
     model_ref = _resolve(args)
     src = full_precision_gguf(model_ref, settings.cache_dir(args.cache))
     imatrix = calibration = None
@@ -296,10 +292,6 @@ def _write_lossless_gguf(args, result, model_ref) -> None:
     from quantlab.formats.gguf_quant import full_precision_gguf, type_mix
 
     out = Path(args.out)
-    if out.suffix != ".gguf":
-        raise QuantlabError(f"--out for --format gguf is a .gguf file path, got {out}")
-    if args.gguf_type:
-        raise QuantlabError("--gguf-type is for llama.cpp quantization (without --method)")
     src = full_precision_gguf(model_ref, settings.cache_dir(args.cache))
     config = json.loads((model_ref.path / "config.json").read_text())
     out, types = write_lossless_gguf(result, src, out, config)
@@ -317,7 +309,41 @@ def _write_lossless_gguf(args, result, model_ref) -> None:
     print(f"wrote {out}: {len(types)} linears as {', '.join(sorted(set(types.values())))} blocks")
 
 
+def _check_output_options(args) -> None:
+    """Refuse, before any work, options the chosen output cannot honour."""
+    from quantlab.formats.gguf_quant import GGUF_TYPES
+
+    out = Path(args.out)
+    if out.exists():
+        raise QuantlabError(f"{out} already exists; remove it or choose another --out")
+    if args.gguf_type and args.format != "gguf":
+        raise QuantlabError("--gguf-type applies to --format gguf only")
+    if args.gptq_format != "v1" and args.format != "gptq":
+        raise QuantlabError("--gptq-format applies to --format gptq only")
+    if args.format == "gguf":
+        if out.suffix != ".gguf":
+            raise QuantlabError(f"--out for --format gguf is a .gguf file path, got {out}")
+        if args.method and args.gguf_type:
+            raise QuantlabError(
+                "--gguf-type is llama.cpp's quantization (leave out --method); with --method the "
+                "result itself is written as Q4_0/Q4_1/Q8_0 blocks"
+            )
+        if args.method and (args.group_size != 32 or args.act_order):
+            raise QuantlabError(
+                "--format gguf with --method writes GGUF blocks of 32 weights: use --group-size 32 "
+                "and no --act-order"
+            )
+        if not args.method:
+            if not args.gguf_type:
+                raise QuantlabError("--format gguf needs --gguf-type (e.g. Q4_K_M) or --method")
+            if args.gguf_type.upper() not in GGUF_TYPES:
+                raise QuantlabError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}")
+    if args.format == "awq" and (args.bits != 4 or args.act_order):
+        raise QuantlabError("--format awq (GEMM) holds 4-bit weights without act-order")
+
+
 def cmd_quantize(args) -> None:
+    _check_output_options(args)
     if args.format == "gguf" and not args.method:
         return cmd_quantize_gguf(args)
     if not args.method:

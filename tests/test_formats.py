@@ -320,3 +320,16 @@ def test_cli_exports_gptq_and_refuses_what_awq_cannot_hold(tiny_models, tmp_path
         [*base, "--asym", "--format", "gptq", "--gptq-format", "v2", "--out", str(tmp_path / "v2")]
     )
     assert rc == 0 and detect_format(tmp_path / "v2") == "gptq_v2"
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_v1_zeros_written_by_word_arithmetic_read_back(bits):
+    """GPTQModel writes v1 zeros by subtracting 0x11111111 (4-bit) from each whole int32 word, so a
+    zero point of 0 borrows from its neighbour field; quantlab adds the constant back per word."""
+    gen = torch.Generator().manual_seed(bits)
+    zeros = torch.randint(0, 2**bits, (3, 64), generator=gen)
+    zeros[0, :8] = 0  # fields that borrow
+    ones = sum(1 << (k * bits) for k in range(32 // bits))
+    words = (pack_bits(zeros, bits).to(torch.int64) & 0xFFFFFFFF) - ones
+    stored = ((words & 0xFFFFFFFF) - (((words & 0xFFFFFFFF) >> 31) << 32)).to(torch.int32)
+    assert torch.equal(layouts._v1_zeros(stored, bits, 64), zeros)

@@ -221,7 +221,8 @@ def _reference(spec: str, windows, cache: Path, stage_seconds: dict, target_runn
     cached = cache / "references" / f"{windows.sha256[:20]}-{ref_sha[:20]}.npz"
     if cached.is_file():
         return CachedReference.load(cached), cached
-    if ref_sha == target_sha and hasattr(target_runner, "logits_and_head_input"):
+    recordable = hasattr(target_runner, "logits_and_head_input") and not spec.endswith(".gguf")
+    if ref_sha == target_sha and recordable:  # (a .gguf reference always runs in llama.cpp)
         return ReferenceRecorder(target_runner, windows), cached
     start = time.perf_counter()
     runner, _ = open_runner(spec, n_ctx=windows.ids.shape[1], cache=cache)

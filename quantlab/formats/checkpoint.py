@@ -38,6 +38,7 @@ from quantlab.fingerprint import content_sha256
 from quantlab.formats import layouts
 
 MANIFEST = "quantlab_manifest.json"
+_DTYPES = ("float32", "float16", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
 
@@ -122,8 +123,12 @@ def format_names() -> list[str]:
     return sorted(FORMATS)
 
 
-def _state_tensors(model, quantized: set[str]) -> dict[str, torch.Tensor]:
-    """The model's tensors minus the quantized linears' weights; tied tensors once."""
+def _state_tensors(
+    model, quantized: set[str], dtype: torch.dtype | None, keep: set[str]
+) -> dict[str, torch.Tensor]:
+    """The model's tensors minus the quantized linears' weights; tied tensors once; floating
+    tensors in the source checkpoint's ``dtype`` except those in ``keep`` (changed by the method,
+    e.g. AWQ's scaled norms, which stay float32 so that nothing is rounded again)."""
     out: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
     for name, tensor in model.state_dict().items():
@@ -133,7 +138,10 @@ def _state_tensors(model, quantized: set[str]) -> dict[str, torch.Tensor]:
         if tensor.data_ptr() in seen:
             continue  # tied (lm_head = embed_tokens): the loader re-ties
         seen.add(tensor.data_ptr())
-        out[name] = tensor.detach().cpu().contiguous()
+        tensor = tensor.detach().cpu()
+        if dtype is not None and tensor.is_floating_point() and name not in keep:
+            tensor = tensor.to(dtype)
+        out[name] = tensor.contiguous()
     return out
 
 
@@ -188,9 +196,11 @@ def write_checkpoint(
     for name, qw in weights.items():  # packs (and refuses) before anything touches the disk
         for part, tensor in spec.pack(name, qw).items():
             packed[f"{name}.{part}"] = tensor
-    tensors = _state_tensors(model, set(weights))
-    tensors.update(packed)
     config = json.loads((Path(source.path) / "config.json").read_text())
+    source_dtype = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, source_dtype) if source_dtype in _DTYPES else None
+    tensors = _state_tensors(model, set(weights), dtype, set(result.modified))
+    tensors.update(packed)
     config["quantization_config"] = spec.quantization_config(result, weights)
     notes = spec.notes(weights)
     out_dir = Path(out_dir)

@@ -14,8 +14,9 @@ written as those blocks directly, so the GGUF file computes the same function as
 Scales are float16 values already (`quantlab.primitives.scale_zero`), so ``d`` is exact; for Q4_1
 the offset ``m = -scale * zero`` must be a float16 value too, which is checked per group. Anything
 else is refused with the reason. The other tensors (embeddings, norms, and linears not quantized)
-are copied from a full-precision GGUF of the same model; llama.cpp's converter stores attention
-q/k rows in an interleaved rotary order, so those rows are permuted the same way.
+are copied from a full-precision GGUF of the same model; for the llama architecture llama.cpp's
+converter stores attention q/k rows in an interleaved rotary order, so those rows are permuted
+the same way (qwen2/qwen3 keep the Hugging Face order).
 """
 
 from __future__ import annotations
@@ -126,18 +127,22 @@ def write_lossless_gguf(
 
     from quantlab.formats.gguf_file import open_gguf
 
+    reader = open_gguf(full_precision)
+    arch = reader.fields["general.architecture"].contents()
+    if arch not in ("llama", "qwen2", "qwen3"):
+        raise FormatError(f"lossless GGUF writing supports llama, qwen2 and qwen3, not {arch}")
+    permute = arch == "llama"  # llama.cpp's converter reorders q/k rows for llama only
     n_head = int(config["num_attention_heads"])
     n_kv = int(config.get("num_key_value_heads") or n_head)
     blocks: dict[str, tuple[str, np.ndarray]] = {}
     for name, qw in result.weights.items():  # everything is checked before anything is written
         gtype = lossless_type(name, qw)
-        if _Q.search(name):
+        if permute and _Q.search(name):
             qw = permute_rows(qw, n_head)
-        elif _K.search(name):
+        elif permute and _K.search(name):
             qw = permute_rows(qw, n_kv)
         blocks[gguf_tensor_name(name)] = (gtype, pack_blocks(qw, gtype))
     kinds = {t for t, _ in blocks.values()}
-    reader = open_gguf(full_precision)
     names = {t.name for t in reader.tensors}
     missing = sorted(set(blocks) - names)
     if missing:
@@ -149,7 +154,6 @@ def write_lossless_gguf(
         )
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    arch = reader.fields["general.architecture"].contents()
     try:
         writer = GGUFWriter(tmp, arch)
         for key, field in reader.fields.items():

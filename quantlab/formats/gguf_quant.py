@@ -32,8 +32,8 @@ GGUF_TYPES = (
     "Q4_0", "Q4_1", "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_XS", "IQ4_NL", "IQ3_M", "IQ3_S",
     "IQ3_XXS", "IQ2_M", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
 )  # fmt: skip
-# llama.cpp refuses these without an importance matrix (tools/quantize/quantize.cpp)
-NEEDS_IMATRIX = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"})
+# llama.cpp refuses these without an importance matrix (tensor_requires_imatrix)
+NEEDS_IMATRIX = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M"})
 
 # Hugging Face linear (inside a decoder block) -> GGUF tensor base name, for the supported
 # architectures (Llama, Mistral, Qwen2, Qwen3 share these names in llama.cpp)

@@ -108,6 +108,18 @@ def _expect(name: str, part: str, tensor: torch.Tensor, shape: tuple, dtype=None
         raise CorruptFileError(f"tensor {name}.{part} has dtype {tensor.dtype}, expected {dtype}")
 
 
+def _v1_zeros(qzeros: torch.Tensor, bits: int, out: int) -> torch.Tensor:
+    """Zero points of a v1 ``qzeros``: for 2/4/8 bits, v1 writers subtract 0x11111111 (4-bit;
+    0x55555555 / 0x01010101) from each whole int32 word, so a stored zero of 0 borrows from its
+    neighbour; adding the constant back per word (mod 2**32) undoes exactly that. 3-bit fields
+    straddle words and are shifted field by field (as GPTQModel does)."""
+    if 32 % bits == 0:
+        ones = sum(1 << (k * bits) for k in range(32 // bits))
+        words = ((qzeros.to(torch.int64) & 0xFFFFFFFF) + ones) & 0xFFFFFFFF
+        return unpack_bits(words, bits, out)
+    return (unpack_bits(qzeros, bits, out) + 1) & ((1 << bits) - 1)
+
+
 def unpack_gptq(
     name: str,
     tensors: dict,
@@ -126,9 +138,11 @@ def unpack_gptq(
     _expect(name, "qzeros", tensors["qzeros"], (groups, packed_length(out, bits)), torch.int32)
     _expect(name, "scales", tensors["scales"], (groups, out))
     codes = unpack_bits(tensors["qweight"].T, bits, cols)
-    zeros = unpack_bits(tensors["qzeros"], bits, out)
-    if checkpoint_format == "gptq":
-        zeros = (zeros + 1) & ((1 << bits) - 1)
+    zeros = (
+        _v1_zeros(tensors["qzeros"], bits, out)
+        if checkpoint_format == "gptq"
+        else (unpack_bits(tensors["qzeros"], bits, out))
+    )
     g_idx = tensors.get("g_idx")
     if g_idx is None:
         g_idx = natural_g_idx(cols, group_size)
@@ -224,9 +238,16 @@ def unpack_compressed(
     if group_size is None or group_size <= 0:
         size = -(-cols // groups)
         group_size = -1 if groups == 1 else size
+    elif groups != -(-cols // group_size):
+        raise CorruptFileError(
+            f"tensor {name}.weight_scale has {groups} groups, expected {-(-cols // group_size)} "
+            f"for in_features={cols} and group size {group_size}"
+        )
     g_idx = tensors.get("weight_g_idx")
     g_idx = natural_g_idx(cols, group_size) if g_idx is None else g_idx.to(torch.int32)
     _expect(name, "weight_g_idx", g_idx, (cols,))
+    if int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
+        raise CorruptFileError(f"tensor {name}.weight_g_idx has groups outside [0, {groups})")
     return QuantizedWeight(
         codes.to(torch.uint8),
         scale.reshape(out, groups).float(),

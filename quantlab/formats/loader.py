@@ -77,13 +77,9 @@ def detect_format(path: str | Path) -> str | None:
             raise QuantlabError(f"{path}: AWQ version {version!r} is not supported (only gemm)")
         return "awq"
     if method == "compressed-tensors":
-        fmt = qc.get("format")
-        if fmt != "pack-quantized":
-            raise QuantlabError(
-                f"{path}: compressed-tensors format {fmt!r} is not supported (pack-quantized is)"
-            )
-        return "compressed-tensors"
-    raise QuantlabError(f"{path}: quantization method {method!r} is not supported")
+        # other compressed-tensors formats (float8, ...) are left to transformers
+        return "compressed-tensors" if qc.get("format") == "pack-quantized" else None
+    return None  # another quantization method: transformers' own loader may read it
 
 
 def _verify(path: Path, manifest: dict) -> None:
@@ -126,6 +122,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 def _decoder(fmt: str, qc: dict, dtype: torch.dtype):
     """``decode(name, parts, out, in) -> QuantizedWeight`` and the tensor parts it reads."""
     if fmt in layouts.GPTQ_FORMATS:
+        if "bits" not in qc:
+            raise CorruptFileError("quantization_config has no 'bits'")
         bits, gs, sym = int(qc["bits"]), int(qc.get("group_size", -1)), bool(qc.get("sym", True))
 
         def gptq(name, parts, out, cols):
@@ -150,6 +148,11 @@ def _decoder(fmt: str, qc: dict, dtype: torch.dtype):
         if len(schemes) != 1:
             raise QuantlabError("compressed-tensors: exactly one weight scheme is supported")
         w = schemes[0]
+        if w.get("strategy") not in ("group", "channel") or "num_bits" not in w:
+            raise QuantlabError(
+                f"compressed-tensors weight strategy {w.get('strategy')!r} is not supported "
+                "(group and channel are)"
+            )
         if w.get("type", "int") != "int" or (qc.get("config_groups", {}) and any(
             g.get("input_activations") for g in groups.values()
         )):  # fmt: skip
@@ -205,6 +208,8 @@ def load(path: str | Path, *, dtype: str = "float32", verify: bool = True):
             qw = decode(name, found, module.out_features, module.in_features)
         except KeyError as exc:
             raise CorruptFileError(f"tensor {name}.{exc.args[0]} is missing") from None
+        except (ValueError, RuntimeError, IndexError) as exc:
+            raise CorruptFileError(f"tensors of {name} are inconsistent: {exc}") from None
         bias = tensors.pop(f"{name}.bias", None)
         if (bias is None) != (module.bias is None):
             raise CorruptFileError(

@@ -305,5 +305,5 @@ def collect_imatrix(
         ctx = BlockContext(f"{arch.blocks}.{i}", block, compute, arch, hidden, kwargs, stats)
         hidden = ctx.forward()
         del compute, ctx
-    rows = next(iter(stats.values()))[1]
-    return {k: (v[0] / v[1]).float() for k, v in stats.items()}, rows
+    rows = max(v[1] for v in stats.values())
+    return {k: (v[0] / v[1]).float() for k, v in stats.items() if v[1]}, rows
