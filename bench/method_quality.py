@@ -1,7 +1,8 @@
 """Quality of quantlab's RTN, GPTQ and AWQ across bit widths, on one calibration set.
 
 For each bit width (default 3, 4, 8) at one group size (default 128), quantizes the model with RTN,
-GPTQ and AWQ from the same calibration windows (C4 sample, ``--n-samples`` x ``--seq-len``, seed 0),
+GPTQ and AWQ (all with zero points, or all symmetric with ``--sym``; ``--act-order`` for GPTQ) from
+the same calibration windows (C4 sample, ``--n-samples`` x ``--seq-len``, seed 0),
 writes each result as a quantlab-native artifact, and measures WikiText-2 test perplexity (gptq
 protocol, the first ``--eval-tokens`` tokens; all of them with ``--eval-tokens 0``) and KL
 divergence against the unquantized model on the same windows. Prints one table with each variant's
@@ -32,6 +33,10 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=32768)
     p.add_argument("--calib-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    p.add_argument(
+        "--sym", action="store_true", help="symmetric for every method (default: zero points)"
+    )
+    p.add_argument("--act-order", action="store_true", help="GPTQ with act-order (desc_act)")
     p.add_argument("--json", default=str(ROOT / "results" / "bench-method-quality.json"))
     args = p.parse_args()
 
@@ -59,8 +64,9 @@ def main() -> int:
         for bits in (int(b) for b in args.bits.split(",")):
             for method in args.methods.split(","):
                 spec = get_method(method)
-                sym = method == "gptq"
-                cfg = spec.config_cls(bits=bits, group_size=args.group_size, sym=sym)
+                sym = args.sym  # the same for every method, so rows compare like with like
+                extra = {"act_order": True} if method == "gptq" and args.act_order else {}
+                cfg = spec.config_cls(bits=bits, group_size=args.group_size, sym=sym, **extra)
                 model = load_model(source)
                 start = time.perf_counter()
                 result = quantize_model(
