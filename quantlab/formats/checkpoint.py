@@ -36,6 +36,7 @@ from quantlab.atomic import atomic_directory
 from quantlab.errors import ConfigError, FormatError
 from quantlab.fingerprint import content_sha256
 from quantlab.formats import layouts
+from quantlab.formats.native import source_record
 
 MANIFEST = "quantlab_manifest.json"
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -231,11 +232,7 @@ def write_checkpoint(
             "linears": {n: list(q.shape) for n, q in weights.items()},
             "calibration": result.calibration,
             "imatrix_tokens": result.imatrix_tokens,
-            "source": {
-                "spec": source.spec,
-                "path": str(source.path),
-                "sha256": content_sha256(source.path),
-            },
+            "source": source_record(source),
             "quantize_seconds": round(result.seconds, 3),
             "notes": notes,
             "files": {f: content_sha256(tmp / f) for f in sorted(files)},

@@ -38,14 +38,12 @@ def open_gguf(path: str | os.PathLike):
         raise CorruptFileError(f"{path}: not a readable GGUF file ({exc})") from None
 
 
-def retype_gguf(src: str | os.PathLike, dst: str | os.PathLike, tensor_type: str = "F16") -> Path:
-    """Write ``dst``: ``src`` with every tensor dequantized to ``tensor_type`` (F16 or F32)."""
-    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
-    from gguf.quants import dequantize
+def copy_gguf(reader, dst: str | os.PathLike, tensor, file_type: int, strings=None) -> Path:
+    """Write ``dst`` atomically: every metadata field of ``reader`` (but the file type, which
+    becomes ``file_type``, plus the ``strings`` key/values), and each tensor as
+    ``tensor(t) -> (array, GGMLQuantizationType)``."""
+    from gguf import GGUFValueType, GGUFWriter
 
-    if tensor_type not in FILE_TYPES:
-        raise QuantlabError(f"tensor type {tensor_type!r} is not one of {', '.join(FILE_TYPES)}")
-    reader = open_gguf(src)
     arch = reader.fields["general.architecture"].contents()
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -57,21 +55,34 @@ def retype_gguf(src: str | os.PathLike, dst: str | os.PathLike, tensor_type: str
             vtype = field.types[0]
             sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
             writer.add_key_value(key, field.contents(), vtype, sub)
-        writer.add_file_type(FILE_TYPES[tensor_type])
+        writer.add_file_type(file_type)
+        for key, value in (strings or {}).items():
+            writer.add_string(key, value)
         for t in reader.tensors:
-            values = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
-            if tensor_type == "F16" and values.ndim > 1:
-                writer.add_tensor(
-                    t.name, values.astype(np.float16), raw_dtype=GGMLQuantizationType.F16
-                )
-            else:
-                writer.add_tensor(t.name, values, raw_dtype=GGMLQuantizationType.F32)
+            data, raw_dtype = tensor(t)
+            writer.add_tensor(t.name, data, raw_dtype=raw_dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, dst)
-    except BaseException:
+    finally:
         tmp.unlink(missing_ok=True)
-        raise
     return dst
+
+
+def retype_gguf(src: str | os.PathLike, dst: str | os.PathLike, tensor_type: str = "F16") -> Path:
+    """Write ``dst``: ``src`` with every tensor dequantized to ``tensor_type`` (F16 or F32)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    if tensor_type not in FILE_TYPES:
+        raise QuantlabError(f"tensor type {tensor_type!r} is not one of {', '.join(FILE_TYPES)}")
+
+    def retyped(t):
+        values = dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
+        if tensor_type == "F16" and values.ndim > 1:  # 1-D tensors stay F32, as llama.cpp's
+            return values.astype(np.float16), GGMLQuantizationType.F16
+        return values, GGMLQuantizationType.F32
+
+    return copy_gguf(open_gguf(src), dst, retyped, FILE_TYPES[tensor_type])

@@ -123,9 +123,9 @@ def write_lossless_gguf(
     ``config`` is the model's config.json (for the q/k head counts). Returns the path and the
     block type of each quantized tensor. Refuses (nothing written) when any linear is not exact.
     """
-    from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
+    from gguf import GGMLQuantizationType
 
-    from quantlab.formats.gguf_file import open_gguf
+    from quantlab.formats.gguf_file import copy_gguf, open_gguf
 
     reader = open_gguf(full_precision)
     arch = reader.fields["general.architecture"].contents()
@@ -152,31 +152,16 @@ def write_lossless_gguf(
             "results that change other tensors (AWQ's scaled norms) are not written as lossless "
             "GGUF; use --format gguf (llama.cpp quantization)"
         )
-    dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        writer = GGUFWriter(tmp, arch)
-        for key, field in reader.fields.items():
-            if key.startswith("GGUF.") or key in ("general.architecture", "general.file_type"):
-                continue
-            vtype = field.types[0]
-            sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
-            writer.add_key_value(key, field.contents(), vtype, sub)
-        writer.add_file_type(FILE_TYPES[max(kinds, key=list(FILE_TYPES).index)])
-        writer.add_string("quantlab.method", result.method)
-        if result.calibration:
-            writer.add_string("quantlab.calibration.sha256", result.calibration["sha256"])
-        for t in reader.tensors:
-            if t.name in blocks:
-                gtype, raw = blocks[t.name]
-                writer.add_tensor(t.name, raw, raw_dtype=GGMLQuantizationType[gtype])
-            else:
-                writer.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+    strings = {"quantlab.method": result.method}
+    if result.calibration:
+        strings["quantlab.calibration.sha256"] = result.calibration["sha256"]
+
+    def tensor(t):
+        if t.name in blocks:
+            gtype, raw = blocks[t.name]
+            return raw, GGMLQuantizationType[gtype]
+        return np.array(t.data), t.tensor_type
+
+    file_type = FILE_TYPES[max(kinds, key=list(FILE_TYPES).index)]
+    dst = copy_gguf(reader, dst, tensor, file_type, strings)
     return dst, {name: gtype for name, (gtype, _) in blocks.items()}

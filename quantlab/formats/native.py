@@ -43,6 +43,11 @@ def is_native(path: str | Path) -> bool:
         return False
 
 
+def source_record(source) -> dict:
+    """What every manifest says about the source model (a `ResolvedModel`)."""
+    return {"spec": source.spec, "path": str(source.path), "sha256": content_sha256(source.path)}
+
+
 def write_native(result, source, out_dir: str | Path) -> Path:
     """Write ``result`` (a `QuantizationResult`) of model ``source`` (a `ResolvedModel`)."""
     from safetensors.torch import save_file
@@ -76,11 +81,7 @@ def write_native(result, source, out_dir: str | Path) -> Path:
             "modified": sorted(result.modified),
             "calibration": result.calibration,
             "imatrix_tokens": result.imatrix_tokens,
-            "source": {
-                "spec": source.spec,
-                "path": str(source.path),
-                "sha256": content_sha256(source.path),
-            },
+            "source": source_record(source),
             "quantize_seconds": round(result.seconds, 3),
             "files": {
                 f: content_sha256(tmp / f) for f in ("quantized.safetensors", "imatrix.safetensors")
