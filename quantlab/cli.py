@@ -235,12 +235,11 @@ def cmd_quantize_gguf(args) -> None:
     """``--format gguf``: llama.cpp's quantization of the full-precision GGUF, with quantlab's
     importance matrix from the calibration set when ``--imatrix`` is given."""
     from quantlab import settings
-    from quantlab.fingerprint import content_sha256
     from quantlab.formats.gguf_quant import (
         full_precision_gguf,
         quantize_gguf,
-        tensor_types,
         type_mix,
+        write_gguf_manifest,
         write_imatrix_gguf,
     )
     from quantlab.methods.runner import collect_imatrix
@@ -267,45 +266,36 @@ def cmd_quantize_gguf(args) -> None:
         imatrix=imatrix,
         calibration_sha256=calibration.sha256 if calibration else None,
     )
+    write_gguf_manifest(
+        out,
+        src,
+        model_ref,
+        gguf_type=args.gguf_type.upper(),
+        imatrix=bool(imatrix),
+        calibration=calibration.provenance() if calibration else None,
+    )
     mix = type_mix(out)
-    manifest = {
-        "format": "gguf",
-        "gguf_type": args.gguf_type.upper(),
-        "source_gguf": {"path": str(src), "sha256": content_sha256(src)},
-        "source": {"spec": model_ref.spec, "path": str(model_ref.path)},
-        "imatrix": bool(imatrix),
-        "calibration": calibration.provenance() if calibration else None,
-        "type_mix": mix,
-        "tensor_types": tensor_types(out),
-        "files": {out.name: content_sha256(out)},
-    }
-    manifest_path = out.with_name(out.name + ".manifest.json")
-    manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {out}: {', '.join(f'{n} {t}' for t, n in mix.items())}")
 
 
 def _write_lossless_gguf(args, result, model_ref) -> None:
     """``--format gguf`` with ``--method``: the result's own codes and scales as GGUF blocks."""
     from quantlab import settings
-    from quantlab.fingerprint import content_sha256
     from quantlab.formats.gguf_lossless import write_lossless_gguf
-    from quantlab.formats.gguf_quant import full_precision_gguf, type_mix
+    from quantlab.formats.gguf_quant import full_precision_gguf, write_gguf_manifest
 
     out = Path(args.out)
     src = full_precision_gguf(model_ref, settings.cache_dir(args.cache))
     config = json.loads((model_ref.path / "config.json").read_text())
     out, types = write_lossless_gguf(result, src, out, config)
-    manifest = {
-        "format": "gguf",
-        "lossless_from": result.method,
-        "config": dataclasses.asdict(result.config),
-        "source_gguf": {"path": str(src), "sha256": content_sha256(src)},
-        "source": {"spec": model_ref.spec, "path": str(model_ref.path)},
-        "calibration": result.calibration,
-        "type_mix": type_mix(out),
-        "files": {out.name: content_sha256(out)},
-    }
-    out.with_name(out.name + ".manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    write_gguf_manifest(
+        out,
+        src,
+        model_ref,
+        lossless_from=result.method,
+        config=dataclasses.asdict(result.config),
+        calibration=result.calibration,
+    )
     print(f"wrote {out}: {len(types)} linears as {', '.join(sorted(set(types.values())))} blocks")
 
 

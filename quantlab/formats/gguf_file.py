@@ -14,6 +14,8 @@ usual ``(rows, cols)`` order, and its writer takes them that way.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -38,17 +40,33 @@ def open_gguf(path: str | os.PathLike):
         raise CorruptFileError(f"{path}: not a readable GGUF file ({exc})") from None
 
 
-def copy_gguf(reader, dst: str | os.PathLike, tensor, file_type: int, strings=None) -> Path:
-    """Write ``dst`` atomically: every metadata field of ``reader`` (but the file type, which
-    becomes ``file_type``, plus the ``strings`` key/values), and each tensor as
-    ``tensor(t) -> (array, GGMLQuantizationType)``."""
-    from gguf import GGUFValueType, GGUFWriter
+@contextmanager
+def gguf_writer(dst: str | os.PathLike, arch: str) -> Iterator:
+    """A `gguf.GGUFWriter` for ``dst``: what the block adds is written to a temporary file that
+    becomes ``dst`` only when the block completes (nothing half-written is ever at ``dst``)."""
+    from gguf import GGUFWriter
 
-    arch = reader.fields["general.architecture"].contents()
     dst = Path(dst)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     try:
         writer = GGUFWriter(tmp, arch)
+        yield writer
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def copy_gguf(reader, dst: str | os.PathLike, tensor, file_type: int, strings=None) -> Path:
+    """Write ``dst`` atomically: every metadata field of ``reader`` (but the file type, which
+    becomes ``file_type``, plus the ``strings`` key/values), and each tensor as
+    ``tensor(t) -> (array, GGMLQuantizationType)``."""
+    from gguf import GGUFValueType
+
+    with gguf_writer(dst, reader.fields["general.architecture"].contents()) as writer:
         for key, field in reader.fields.items():
             if key.startswith(_SKIP_KEYS) or key == "general.architecture":
                 continue
@@ -61,14 +79,7 @@ def copy_gguf(reader, dst: str | os.PathLike, tensor, file_type: int, strings=No
         for t in reader.tensors:
             data, raw_dtype = tensor(t)
             writer.add_tensor(t.name, data, raw_dtype=raw_dtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dst
+    return Path(dst)
 
 
 def retype_gguf(src: str | os.PathLike, dst: str | os.PathLike, tensor_type: str = "F16") -> Path:

@@ -161,12 +161,11 @@ def write_imatrix_gguf(
     path: str | os.PathLike, imatrix: dict, rows: int, datasets: list[str], chunk_size: int
 ) -> Path:
     """llama.cpp's imatrix file: per tensor ``<name>.in_sum2`` (sums of x^2) and ``.counts``."""
-    from gguf import GGUFWriter
+    from quantlab.formats.gguf_file import gguf_writer
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        writer = GGUFWriter(tmp, arch="imatrix")  # general.architecture is ignored by readers
+    # general.architecture is ignored by imatrix readers
+    with gguf_writer(path, "imatrix") as writer:
         writer.add_type("imatrix")
         writer.add_array("imatrix.datasets", datasets)
         writer.add_uint32("imatrix.chunk_count", max(1, rows // max(chunk_size, 1)))
@@ -174,13 +173,30 @@ def write_imatrix_gguf(
         for name, mean in sorted(gguf_imatrix(imatrix).items()):
             writer.add_tensor(f"{name}.in_sum2", (mean * np.float32(rows)).astype(np.float32))
             writer.add_tensor(f"{name}.counts", np.array([rows], dtype=np.float32))
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_gguf_manifest(out: Path, src: Path, source, **fields) -> Path:
+    """``<out>.manifest.json`` beside a written GGUF file (written atomically): the full-precision
+    source file and model, the per-tensor types llama.cpp will see, checksums, and ``fields``."""
+    import json
+
+    from quantlab.fingerprint import content_sha256
+    from quantlab.formats.native import source_record
+
+    manifest = {
+        "format": "gguf",
+        **fields,
+        "source_gguf": {"path": str(src), "sha256": content_sha256(src)},
+        "source": source_record(source),
+        "type_mix": type_mix(out),
+        "tensor_types": tensor_types(out),
+        "files": {out.name: content_sha256(out)},
+    }
+    path = out.with_name(out.name + ".manifest.json")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    os.replace(tmp, path)
     return path
 
 
