@@ -278,6 +278,28 @@ def cmd_quantize_gguf(args) -> None:
     print(f"wrote {out}: {', '.join(f'{n} {t}' for t, n in mix.items())}")
 
 
+def cmd_convert(args) -> None:
+    """``quantlab convert MODEL --to gguf``: llama.cpp's own converter, output checked."""
+    from quantlab import settings
+    from quantlab.formats.gguf_convert import convert_hf_to_gguf
+    from quantlab.formats.gguf_quant import type_mix, write_gguf_manifest
+
+    out = Path(args.out)
+    if out.suffix != ".gguf":
+        raise QuantlabError(f"--out is a .gguf file path, got {out}")
+    if out.exists():
+        raise QuantlabError(f"{out} already exists; choose another --out or remove it")
+    model_ref = _resolve(args)
+    start = time.perf_counter()
+    out, checks = convert_hf_to_gguf(
+        model_ref, out, args.outtype, cache=settings.cache_dir(args.cache), llama_cpp=args.llama_cpp
+    )
+    seconds = time.perf_counter() - start
+    write_gguf_manifest(out, None, model_ref, outtype=args.outtype, conversion=checks)
+    mix = ", ".join(f"{n} {t}" for t, n in type_mix(out).items())
+    print(f"wrote {out} in {seconds:.1f} s: {mix}; tokenizer {checks['tokenizer_parity']}")
+
+
 def _write_lossless_gguf(args, result, model_ref) -> None:
     """``--format gguf`` with ``--method``: the result's own codes and scales as GGUF blocks."""
     from quantlab import settings
@@ -504,6 +526,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = model_cmd("convert", "convert a model to GGUF with llama.cpp's own converter")
+    p.add_argument("--to", choices=["gguf"], default="gguf", help="target format (gguf)")
+    p.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])
+    p.add_argument("--out", required=True, help="the .gguf file to write")
+    p.add_argument(
+        "--llama-cpp",
+        metavar="PATH",
+        help="llama.cpp checkout or llama-cpp-python sdist holding convert_hf_to_gguf.py "
+        "(default: taken from the installed llama-cpp-python's sdist, cached)",
+    )
+    p.set_defaults(func=cmd_convert)
 
     p = model_cmd("quantize", "quantize a model with RTN, GPTQ or AWQ; write a checkpoint")
     p.add_argument("--method", choices=["rtn", "gptq", "awq"], help="required unless --format gguf")

@@ -147,6 +147,9 @@ def open_runner(
     from quantlab.eval.runners import HFRunner, LlamaCppRunner
 
     if target.endswith(".gguf"):
+        from quantlab.formats.gguf_file import check_gguf_architecture
+
+        check_gguf_architecture(target, gguf_runtime)  # a corrupt or alien file fails here
         if gguf_runtime == "llama.cpp":
             return LlamaCppRunner(target, n_ctx=n_ctx), Path(target)
         if gguf_runtime != "torch":
@@ -179,9 +182,6 @@ def _gguf_in_transformers(path: Path, dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from quantlab.formats.gguf_file import open_gguf
-
-    open_gguf(path)  # a corrupt file fails here with a clean error
     kwargs = {"gguf_file": path.name}
     model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=getattr(torch, dtype), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)

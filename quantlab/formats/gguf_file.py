@@ -37,7 +37,31 @@ def open_gguf(path: str | os.PathLike):
     try:
         return GGUFReader(path)
     except Exception as exc:  # the reader raises ValueError, IndexError, ... on bad bytes
-        raise CorruptFileError(f"{path}: not a readable GGUF file ({exc})") from None
+        raise CorruptFileError(
+            f"{path}: not a readable GGUF file, truncated or corrupt ({exc})"
+        ) from None
+
+
+# Architectures whose GGUF tensors transformers' GGUF loader maps back onto an ArchSpec'd model.
+TORCH_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def check_gguf_architecture(path: str | os.PathLike, runtime: str = "llama.cpp") -> str:
+    """The file's ``general.architecture``, after checking that the file parses and that
+    ``runtime`` ("llama.cpp" or "torch") can run that architecture; clean errors otherwise."""
+    from gguf.constants import MODEL_ARCH_NAMES
+
+    reader = open_gguf(path)
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        raise CorruptFileError(f"{path}: GGUF file without general.architecture")
+    arch = str(field.contents())
+    known = TORCH_ARCHITECTURES if runtime == "torch" else tuple(MODEL_ARCH_NAMES.values())
+    if arch not in known:
+        where = "quantlab's torch runtime" if runtime == "torch" else "llama.cpp"
+        some = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
+        raise QuantlabError(f"{path}: architecture {arch!r} is not one {where} runs ({some})")
+    return arch
 
 
 @contextmanager

@@ -98,9 +98,9 @@ def quantize_gguf(
             f"{gguf_type} needs an importance matrix (llama.cpp refuses it without one): "
             "pass --imatrix (it is computed from the calibration set)"
         )
-    reader = open_gguf(src)  # a corrupt source fails here with a clean error
-    names = {t.name for t in reader.tensors}
-    del reader
+    src = Path(src)
+    if not src.is_file():
+        raise QuantlabError(f"GGUF file {src} does not exist")
     llama_cpp = _llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(
@@ -109,6 +109,9 @@ def quantize_gguf(
     params.nthread = nthread
     keep = []  # ctypes buffers must outlive the call
     if imatrix:
+        reader = open_gguf(src)  # a corrupt source fails here with a clean error
+        names = {t.name for t in reader.tensors}
+        del reader
         entries = {k if k in names else gguf_tensor_name(k): v for k, v in imatrix.items()}
         missing = sorted(set(entries) - names)
         if missing:
@@ -138,6 +141,7 @@ def quantize_gguf(
             str(src).encode(), str(tmp).encode(), ctypes.byref(params)
         )
         if rc != 0:
+            open_gguf(src)  # names the problem if the source is truncated or corrupt
             raise QuantlabError(f"llama.cpp could not quantize {src} to {gguf_type} (code {rc})")
         os.replace(tmp, dst)
     finally:
@@ -176,7 +180,7 @@ def write_imatrix_gguf(
     return path
 
 
-def write_gguf_manifest(out: Path, src: Path, source, **fields) -> Path:
+def write_gguf_manifest(out: Path, src: Path | None, source, **fields) -> Path:
     """``<out>.manifest.json`` beside a written GGUF file (written atomically): the full-precision
     source file and model, the per-tensor types llama.cpp will see, checksums, and ``fields``."""
     import json
@@ -187,7 +191,7 @@ def write_gguf_manifest(out: Path, src: Path, source, **fields) -> Path:
     manifest = {
         "format": "gguf",
         **fields,
-        "source_gguf": {"path": str(src), "sha256": content_sha256(src)},
+        "source_gguf": {"path": str(src), "sha256": content_sha256(src)} if src else None,
         "source": source_record(source),
         "type_mix": type_mix(out),
         "tensor_types": tensor_types(out),
@@ -200,11 +204,18 @@ def write_gguf_manifest(out: Path, src: Path, source, **fields) -> Path:
     return path
 
 
-def full_precision_gguf(model_ref, cache: Path, outtype: str = "F32") -> Path:
-    """A full-precision GGUF of ``model_ref`` (cached): for the embedded default model, its own
-    GGUF file with every tensor dequantized by ``gguf`` (the same weights as its HF folder)."""
+def full_precision_gguf(
+    model_ref, cache: Path, outtype: str = "F32", llama_cpp: str | os.PathLike | None = None
+) -> Path:
+    """A full-precision GGUF of ``model_ref`` (cached by the model's content hash).
+
+    For the embedded default model: its own GGUF file with every tensor dequantized by ``gguf``
+    (exactly the weights of its HF folder, no converter needed). For any other model: llama.cpp's
+    converter (`quantlab.formats.gguf_convert`)."""
     import json
 
+    from quantlab.fingerprint import content_sha256
+    from quantlab.formats.gguf_convert import convert_hf_to_gguf
     from quantlab.formats.gguf_file import retype_gguf
     from quantlab.models.embedded import embedded_gguf_path
 
@@ -217,8 +228,8 @@ def full_precision_gguf(model_ref, cache: Path, outtype: str = "F32") -> Path:
             dest.parent.mkdir(parents=True, exist_ok=True)
             retype_gguf(embedded_gguf_path(), dest, outtype)
         return dest
-    raise QuantlabError(
-        f"{model_ref.spec}: HF -> GGUF conversion of this model needs llama.cpp's converter, which "
-        "quantlab does not drive yet; convert it with llama.cpp's convert_hf_to_gguf.py "
-        "(same release as llama-cpp-python) and quantize that file"
-    )
+    digest = content_sha256(model_ref.path)[:16]
+    dest = Path(cache) / "gguf" / f"{Path(model_ref.path).name}-{digest}-{outtype.lower()}.gguf"
+    if not dest.is_file():
+        convert_hf_to_gguf(model_ref, dest, outtype, cache=cache, llama_cpp=llama_cpp)
+    return dest
