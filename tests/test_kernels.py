@@ -1,0 +1,331 @@
+"""Kernels against the torch reference: every registered kernel, fresh random inputs each run,
+outputs poisoned with NaN beforehand (an element a kernel forgets to write stays NaN).
+
+Without a GPU the Triton kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1);
+the CUDA kernel is compiled with nvcc for sm_80 and sm_90 but not run. Tests marked ``gpu`` run
+the kernels on a CUDA device and are skipped without one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from quantlab import kernels
+from quantlab.errors import ConfigError
+from quantlab.kernels import reference as ref
+from quantlab.types import QuantizedWeight
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="needs triton (quantlab[kernels])"
+)
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _seed() -> int:
+    """A fresh seed per call (printed in failure messages so a failure can be replayed)."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def _packed_gptq(seed, K, N, bits, group_size, act_order):
+    """Random codes / zeros / fp16 scales, packed in the GPTQ layout."""
+    from quantlab.formats.layouts import pack_gptq
+
+    g = torch.Generator().manual_seed(seed)
+    groups = -(-K // group_size)
+    codes = torch.randint(0, 2**bits, (N, K), generator=g, dtype=torch.uint8)
+    zeros = torch.randint(0, 2**bits, (N, groups), generator=g, dtype=torch.uint8)
+    scales = (torch.rand(N, groups, generator=g) * 0.1 + 1e-3).half().float()
+    g_idx = torch.arange(K, dtype=torch.int32) // group_size
+    if act_order:
+        g_idx = g_idx[torch.randperm(K, generator=g)].contiguous()
+    qw = QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, False, torch.float16)
+    p = pack_gptq("w", qw, "gptq_v2")
+    return [p[k].to(DEVICE) for k in ("qweight", "qzeros", "scales", "g_idx")]
+
+
+def _triton():
+    from quantlab.kernels import triton_kernels
+
+    return triton_kernels
+
+
+def _assert_same(out: torch.Tensor, expected: torch.Tensor, seed: int) -> None:
+    """Bit for bit; except bf16 in Triton's CPU interpreter, whose fp32 -> bf16 cast truncates
+    where a GPU (and torch) rounds to nearest even: there, within one bf16 unit in the last
+    place."""
+    assert not torch.isnan(out).any(), f"seed {seed}: elements left unwritten"
+    if out.dtype == torch.bfloat16 and out.device.type == "cpu":
+        diff = (out.float() - expected.float()).abs()
+        assert (diff <= expected.float().abs() * 2.0**-7).all(), f"seed {seed}"
+    else:
+        assert torch.equal(out, expected), f"seed {seed}"
+
+
+def _poisoned(shape, dtype):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+# -- the registry ---------------------------------------------------------------------------------
+
+
+def test_every_op_has_a_torch_reference_and_registration_is_checked():
+    ops = {k.op for k in kernels.kernels()}
+    assert ops == set(kernels.OPS)
+    for op in ops:
+        assert any(k.op == op and k.backend == "torch" for k in kernels.kernels())
+    with pytest.raises(ValueError, match="already registered"):
+        kernels.register_kernel(kernels.KernelSpec("dequant_gptq", "torch", "x:y"))
+
+
+def test_selection_prefers_the_best_available_and_explains_a_refusal():
+    # auto on a CPU: the torch reference (never the interpreter)
+    assert kernels.select("matmul_gptq", device="cpu", bits=4, batch=1).backend == "torch"
+    with pytest.raises(ConfigError, match="runs on cuda, not cpu"):
+        kernels.select("matmul_gptq", device="cpu", backend="cuda", bits=4, batch=1)
+    with pytest.raises(ConfigError, match="supports \\(4,\\) bits, not 8"):
+        kernels.select("dequant_awq", device="cpu", backend="torch", bits=8)
+    with pytest.raises(ConfigError, match="unknown kernel op"):
+        kernels.select("gemm", device="cpu")
+    spec = kernels.select("matmul_gptq", device="cpu", backend="torch", bits=4, batch=1)
+    assert spec.load() is ref.matmul_gptq
+    if torch.cuda.is_available():
+        best = kernels.select("matmul_gptq", device="cuda", bits=4, batch=1)
+        assert best.backend in ("cuda", "triton")
+        assert kernels.select("matmul_gptq", device="cuda", bits=4, batch=16).backend == "triton"
+        assert kernels.select("matmul_gptq", device="cuda", bits=4, batch=65).backend == "torch"
+
+
+# -- Triton kernels vs the reference --------------------------------------------------------------
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "bits,K,N,group_size,act_order",
+    [
+        (4, 256, 96, 64, False),
+        (4, 128, 200, 32, True),
+        (8, 96, 64, 32, True),
+        (2, 192, 48, 128, False),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_triton_gptq_dequant_is_bit_exact(bits, K, N, group_size, act_order, dtype):
+    seed = _seed()
+    args = _packed_gptq(seed, K, N, bits, group_size, act_order)
+    out = _poisoned((K, N), dtype)
+    _triton().dequant_gptq(*args, bits, dtype, out=out)
+    _assert_same(out, ref.dequant_gptq(*args, bits, dtype), seed)
+
+
+@needs_triton
+@pytest.mark.parametrize("K,N,group_size", [(128, 64, 32), (256, 200, 128), (64, 24, 64)])
+def test_triton_awq_dequant_is_bit_exact(K, N, group_size):
+    from quantlab.formats.layouts import pack_awq
+    from quantlab.primitives import dequantize, quantize_rtn
+
+    seed = _seed()
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(seed))
+    qw = quantize_rtn(w, 4, group_size, False)
+    p = {k: v.to(DEVICE) for k, v in pack_awq("w", qw).items()}
+    out = _poisoned((K, N), torch.float16)
+    _triton().dequant_awq(p["qweight"], p["qzeros"], p["scales"], group_size, out=out)
+    expected = ref.dequant_awq(p["qweight"], p["qzeros"], p["scales"], group_size)
+    assert torch.equal(out, expected), f"seed {seed}"
+    assert torch.equal(expected.cpu(), dequantize(qw).T.half())  # the reference is primitives'
+
+
+@needs_triton
+@pytest.mark.parametrize("M", [1, 4, 16, 33])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("split_k", [None, 1, 3])
+def test_triton_fused_matmul_matches_dequant_then_matmul(M, dtype, split_k):
+    """Tolerance: the same operands accumulated in fp32 in another order, then rounded once to
+    ``dtype``: 2 units in the last place of fp16 (1e-5 relative in fp32)."""
+    seed = _seed()
+    K, N = 320, 80  # K not a multiple of the K tile: the masked tail is exercised
+    args = _packed_gptq(seed, K, N, 4, 64, act_order=seed % 2 == 0)
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dtype)
+    out = _poisoned((M, N), dtype) if split_k == 1 else None
+    y = _triton().matmul_gptq(x, *args, 4, split_k=split_k, out=out)
+    # the same operands (W rounded to x's dtype), accumulated in fp32
+    expected = x.float() @ ref.dequant_gptq(*args, 4, dtype).float()
+    assert not torch.isnan(y).any(), f"seed {seed}"
+    tol = 2 * 2.0**-10 if dtype == torch.float16 else 1e-5
+    err = ((y.float() - expected).abs() / expected.abs().clamp_min(1.0)).max().item()
+    assert err <= tol, f"seed {seed}: relative error {err}"
+
+
+def _gguf_blocks(gguf_type: str, seed: int) -> torch.Tensor:
+    from gguf import GGMLQuantizationType
+    from gguf.quants import quantize
+
+    rng = np.random.default_rng(seed)
+    if gguf_type == "Q4_K":  # gguf cannot make k-quants: random bytes with valid fp16 d / dmin
+        n = 9
+        blocks = rng.integers(0, 256, size=(n, 144), dtype=np.uint8)
+        halves = rng.uniform(1e-3, 0.1, 2 * n).astype(np.float16)
+        blocks[:, 0:4] = halves.view(np.uint8).reshape(n, 4)
+        return torch.from_numpy(blocks.reshape(-1))
+    w = rng.standard_normal((24, 64)).astype(np.float32)
+    raw = quantize(w, GGMLQuantizationType[gguf_type])
+    return torch.from_numpy(raw.reshape(-1).view(np.uint8).copy())
+
+
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_0", "Q4_K"])
+def test_gguf_reference_equals_the_gguf_package(gguf_type):
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    seed = _seed()
+    raw = _gguf_blocks(gguf_type, seed)
+    size = ref.GGUF_BLOCKS[gguf_type][1]
+    theirs = dequantize(raw.numpy().reshape(-1, size), GGMLQuantizationType[gguf_type])
+    ours = ref.dequant_gguf(raw, gguf_type, torch.float32)
+    assert np.array_equal(ours.numpy(), theirs.reshape(-1).astype(np.float32)), f"seed {seed}"
+
+
+@needs_triton
+@pytest.mark.parametrize("gguf_type", ["Q8_0", "Q4_0", "Q4_K"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_triton_gguf_dequant_is_bit_exact(gguf_type, dtype):
+    seed = _seed()
+    raw = _gguf_blocks(gguf_type, seed).to(DEVICE)
+    values, size = ref.GGUF_BLOCKS[gguf_type]
+    out = _poisoned((raw.numel() // size * values,), dtype)
+    _triton().dequant_gguf(raw, gguf_type, dtype, out=out)
+    _assert_same(out, ref.dequant_gguf(raw, gguf_type, dtype), seed)
+
+
+# -- the ops: declared once, traceable ------------------------------------------------------------
+
+
+def test_ops_pass_torch_library_checks_and_trace_under_torch_compile():
+    from quantlab.kernels import ops
+
+    args = _packed_gptq(_seed(), 128, 64, 4, 32, False)
+    torch.library.opcheck(ops.dequant_gptq, (*args, 4, torch.float16, "torch"))
+    x = torch.randn(3, 128, device=DEVICE)
+    torch.library.opcheck(ops.matmul_gptq, (x, *args, 4, "torch"))
+    raw = _gguf_blocks("Q4_0", 0)
+    torch.library.opcheck(ops.dequant_gguf, (raw, "Q4_0", torch.float16, "torch"))
+
+    def f(x):
+        return ops.gptq_linear(x, *args, 4, backend="torch") * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x), f(x))
+
+
+# -- a whole model through the kernels ------------------------------------------------------------
+
+
+def _checkpoint(tiny_models, tmp_path, name, fmt, bits, group_size):
+    from quantlab.formats.checkpoint import write_checkpoint
+    from quantlab.methods.rtn import RTNConfig
+    from quantlab.methods.runner import quantize_model
+    from quantlab.models import load_model, resolve_model
+
+    source = resolve_model(str(tiny_models[name]))
+    model = load_model(source)
+    cfg = RTNConfig(bits, group_size, False)
+    result = quantize_model(model, source.folder.arch, "rtn", cfg, None, progress=False)
+    return write_checkpoint(fmt, result, model, source, tmp_path / "ckpt")
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "name,fmt,bits,group_size,layout",
+    [
+        ("tiny-llama", "gptq_v2", 4, 32, "gptq"),
+        ("tiny-qwen2", "gptq_v2", 8, 64, "gptq"),  # q/k/v biases
+        ("tiny-mistral", "awq", 4, 64, "awq"),
+    ],
+)
+def test_a_loaded_checkpoint_gives_identical_logits_through_triton(
+    tiny_models, tmp_path, name, fmt, bits, group_size, layout
+):
+    from quantlab.formats.loader import load
+    from quantlab.qlinear import use_kernels
+
+    out = _checkpoint(tiny_models, tmp_path, name, fmt, bits, group_size)
+    ids = torch.randint(0, 250, (2, 20), generator=torch.Generator().manual_seed(_seed()))
+    reference, _ = load(out)
+    with torch.no_grad():
+        expected = reference(ids).logits
+    model, _ = load(out)
+    assert use_kernels(model, backend="triton", layout=layout, fused=False) > 0
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected)  # dequantization is bit-exact
+    if layout == "gptq":  # the fused matmul: a different summation order, same function
+        fused, _ = load(out)
+        use_kernels(fused, backend="triton", layout=layout, fused=True)
+        with torch.no_grad():
+            logits = fused(ids).logits
+        assert (logits - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_a_layer_switched_to_kernels_keeps_its_weight(tiny_models, tmp_path):
+    from quantlab.formats.loader import load
+    from quantlab.qlinear import QuantLinear
+
+    out = _checkpoint(tiny_models, tmp_path, "tiny-llama", "gptq_v2", 4, 32)
+    model, _ = load(out)
+    layer = next(m for m in model.modules() if isinstance(m, QuantLinear))
+    before = layer.quantized_weight().dequantize()
+    layer.use_kernel("torch")
+    assert not hasattr(layer, "zeros") and layer.qweight.dtype == torch.int32  # packed, 0.5 B/code
+    assert torch.equal(layer.quantized_weight().dequantize(), before)
+    with pytest.raises(ConfigError, match="already runs through a kernel"):
+        layer.use_kernel("torch")
+
+
+# -- CUDA: compiled here, run on a GPU ------------------------------------------------------------
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_the_cuda_kernel_compiles_with_nvcc(arch, tmp_path):
+    from quantlab.kernels.cuda_ext import nvcc_command
+
+    obj = tmp_path / f"gemv_sm{arch}.o"
+    done = subprocess.run(nvcc_command(arch, obj), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert obj.stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+def test_the_cuda_binding_compiles_against_this_torch(tmp_path):
+    import sysconfig
+
+    from torch.utils.cpp_extension import include_paths
+
+    from quantlab.kernels.cuda_ext import SOURCES
+
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-DTORCH_EXTENSION_NAME=quantlab_cuda"]
+    cmd += [f"-I{p}" for p in [*include_paths(), sysconfig.get_paths()["include"]]]
+    done = subprocess.run([*cmd, str(SOURCES[0])], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+@gpu
+@pytest.mark.gpu
+@pytest.mark.parametrize("act_order", [False, True])
+def test_cuda_gemv_matches_the_reference(act_order):
+    from quantlab.kernels.cuda_ext import matmul_gptq
+
+    seed = _seed()
+    K, N = 4096, 1024
+    args = _packed_gptq(seed, K, N, 4, 128, act_order)
+    x = torch.randn(1, K, device="cuda", dtype=torch.float16)
+    y = matmul_gptq(x, *args, 4)
+    expected = ref.matmul_gptq(x.float(), *args, 4)
+    err = ((y.float() - expected).abs() / expected.abs().clamp_min(1.0)).max().item()
+    assert err <= 2 * 2.0**-10, f"seed {seed}: relative error {err}"
