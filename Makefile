@@ -20,10 +20,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 demo: install
-	$(BIN)/quantlab info smollm2-135m
-	$(BIN)/quantlab generate smollm2-135m
-	$(BIN)/quantlab eval smollm2-135m --ppl wikitext2 --max-tokens 8192 --kld --speed \
-		--allow-fallback --json results/demo-eval.json
+	$(BIN)/quantlab run configs/demo.yaml
 
 test: install
 	$(BIN)/python -m pytest -q

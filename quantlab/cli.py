@@ -7,7 +7,6 @@ print its result. User errors (`QuantlabError`) print one line and exit with sta
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -235,45 +234,33 @@ def cmd_quantize_gguf(args) -> None:
     """``--format gguf``: llama.cpp's quantization of the full-precision GGUF, with quantlab's
     importance matrix from the calibration set when ``--imatrix`` is given."""
     from quantlab import settings
-    from quantlab.formats.gguf_quant import (
-        full_precision_gguf,
-        quantize_gguf,
-        type_mix,
-        write_gguf_manifest,
-        write_imatrix_gguf,
-    )
+    from quantlab.formats.gguf_quant import llama_cpp_artifact, type_mix
     from quantlab.methods.runner import collect_imatrix
     from quantlab.models import load_model
 
     out = Path(args.out)
     model_ref = _resolve(args)
-    src = full_precision_gguf(model_ref, settings.cache_dir(args.cache))
-    imatrix = calibration = None
+    imatrix = calibration = corpus = None
     if args.imatrix:
         corpus, calibration = _calibration(args, model_ref)
         print(f"calibration: {corpus.label}, sha256 {calibration.sha256[:16]}", file=sys.stderr)
         model = load_model(model_ref)
-        imatrix, rows = collect_imatrix(
+        imatrix = collect_imatrix(
             model, model_ref.folder.arch, calibration, calib_dtype=args.calib_dtype
         )
-        imatrix_file = out.with_name(out.stem + ".imatrix.gguf")
-        write_imatrix_gguf(imatrix_file, imatrix, rows, [corpus.label], args.seq_len)
-        print(f"wrote {imatrix_file} (llama-quantize --imatrix reads it)")
-    quantize_gguf(
-        src,
+    llama_cpp_artifact(
+        model_ref,
         out,
         args.gguf_type,
+        settings.cache_dir(args.cache),
         imatrix=imatrix,
-        calibration_sha256=calibration.sha256 if calibration else None,
+        calibration=calibration,
+        corpus_label=corpus.label if corpus else "",
     )
-    write_gguf_manifest(
-        out,
-        src,
-        model_ref,
-        gguf_type=args.gguf_type.upper(),
-        imatrix=bool(imatrix),
-        calibration=calibration.provenance() if calibration else None,
-    )
+    if imatrix:
+        print(
+            f"wrote {out.with_name(out.stem + '.imatrix.gguf')} (llama-quantize --imatrix reads it)"
+        )
     mix = type_mix(out)
     print(f"wrote {out}: {', '.join(f'{n} {t}' for t, n in mix.items())}")
 
@@ -303,20 +290,10 @@ def cmd_convert(args) -> None:
 def _write_lossless_gguf(args, result, model_ref) -> None:
     """``--format gguf`` with ``--method``: the result's own codes and scales as GGUF blocks."""
     from quantlab import settings
-    from quantlab.formats.gguf_lossless import write_lossless_gguf
-    from quantlab.formats.gguf_quant import full_precision_gguf, write_gguf_manifest
+    from quantlab.formats.gguf_lossless import lossless_artifact
 
-    out = Path(args.out)
-    src = full_precision_gguf(model_ref, settings.cache_dir(args.cache))
-    config = json.loads((model_ref.path / "config.json").read_text())
-    out, types = write_lossless_gguf(result, src, out, config)
-    write_gguf_manifest(
-        out,
-        src,
-        model_ref,
-        lossless_from=result.method,
-        config=dataclasses.asdict(result.config),
-        calibration=result.calibration,
+    out, types = lossless_artifact(
+        result, model_ref, Path(args.out), settings.cache_dir(args.cache)
     )
     print(f"wrote {out}: {len(types)} linears as {', '.join(sorted(set(types.values())))} blocks")
 
@@ -406,6 +383,113 @@ def cmd_quantize(args) -> None:
         f"wrote {out} (evaluate it with: quantlab eval {out} --ppl wikitext2 --kld "
         f"--reference {args.model})"
     )
+
+
+def _print_results(rows) -> None:
+    from quantlab.workbench.report import format_table, results_table
+
+    print(format_table(*results_table(rows)))
+
+
+def cmd_run(args) -> None:
+    """``quantlab run CONFIG``: the sweep, then the results table and the report."""
+    from quantlab.workbench.config import load_run_config
+    from quantlab.workbench.pipeline import run_sweep
+    from quantlab.workbench.store import ResultStore
+
+    config = load_run_config(args.config)
+    store_path = args.store or config.store
+    report = run_sweep(
+        config,
+        data_root=args.data_root,
+        cache=args.cache,
+        store_path=store_path,
+        output=args.output,
+    )
+    with ResultStore(store_path) as store:
+        rows = [r for r in store.results(run_name=config.name)]
+    wanted = {v.name for v in config.variants}
+    rows = [r for r in rows if r.variant in wanted]
+    print(
+        f"\n{config.name}: {len(report.done)} evaluated, {len(report.skipped)} already stored "
+        f"({report.seconds:.0f} s); results in {store_path}"
+    )
+    _print_results(rows)
+    out = Path(args.output or config.output) / config.name / "report"
+    path = _write_report(rows, out, config.name, config.model, report.notes)
+    print(f"\nreport: {path} (and report.html beside it)")
+
+
+def _write_report(rows, out, name, model, notes=()):
+    from quantlab.workbench.report import write_report
+
+    notes = list(notes)
+    if any("smollm2" in r.model for r in rows):
+        notes.append(
+            "The embedded default model's weights were dequantized from a Q4_1 GGUF: the numbers "
+            "describe SmolLM2-135M-Instruct after Q4_1, not the original bf16 weights."
+        )
+    return write_report(rows, out, title=f"{name} ({model})", notes=notes)
+
+
+def cmd_report(args) -> None:
+    from quantlab.workbench.store import ResultStore
+
+    with ResultStore(args.store) as store:
+        runs = store.runs()
+        if not runs:
+            raise QuantlabError(f"{args.store} holds no runs yet (quantlab run CONFIG)")
+        name = args.run or runs[-1]["name"]
+        rows = store.results(run_name=name)
+    if not rows:
+        known = ", ".join(sorted({r["name"] for r in runs}))
+        raise QuantlabError(f"no results for run {name!r} in {args.store}; runs: {known}")
+    _print_results(rows)
+    out = Path(args.out or Path("out") / name / "report")
+    path = _write_report(rows, out, name, rows[0].model)
+    print(f"\nreport: {path}")
+
+
+def cmd_plan(args) -> None:
+    from quantlab.workbench.plan import GIB, parse_size, plan, read_config
+    from quantlab.workbench.store import ResultStore
+
+    vram = parse_size(args.vram)
+    config, label, model_sha = read_config(args.model, cache=args.cache)
+    measured = []
+    if model_sha and Path(args.store).is_file():
+        with ResultStore(args.store) as store:
+            measured = [r for r in store.results(model_sha256=model_sha) if r.metrics.kld]
+        measured.sort(key=lambda r: r.metrics.kld.mean)
+    rows = plan(config, args.context, args.batch, measured)
+    print(f"{label}: {args.context:,}-token context, batch {args.batch}, {vram / GIB:.1f} GiB")
+    print("memory = weights + KV cache (fp16) + compute buffer + 0.25 GiB runtime\n")
+    header = (
+        f"{'variant':<26} {'runtime':<30} {'weights':>8} {'KV':>6} {'compute':>7} "
+        f"{'total GiB':>9} {'fits':>4}  quality / notes"
+    )
+    print(header)
+    print("-" * (len(header) + 10))
+    for r in rows:
+        fits = "yes" if r.total <= vram else "no"
+        extra = r.note
+        if r.measured is not None:
+            m = r.measured.metrics
+            extra = f"measured: KLD {m.kld.mean:.4f}, ppl {m.perplexity[0].ppl:.3f}"
+            if m.memory and m.memory.peak_rss_bytes:
+                extra += f"; peak RSS {m.memory.peak_rss_bytes / GIB:.2f} GiB (CPU process)"
+        print(
+            f"{r.name:<26} {r.runtime:<30} {r.weights / GIB:>8.2f} {r.kv / GIB:>6.2f} "
+            f"{r.compute / GIB:>7.2f} {r.total / GIB:>9.2f} {fits:>4}  {extra}"
+        )
+    fitting = [r for r in rows if r.total <= vram]
+    if not fitting:
+        print("\nnothing fits: lower the context or the batch, or use a smaller model")
+    elif fitting[0].measured is not None:
+        print(f"\nbest measured quality that fits: {fitting[0].name}")
+    else:
+        best = max(fitting, key=lambda r: r.weights)
+        print(f"\nno measurements for this model; most bits that fit: {best.name}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -526,6 +610,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("run", help="run a sweep from a YAML config: quantize, evaluate, store")
+    p.add_argument("config", help="run config (configs/demo.yaml, ...)")
+    p.add_argument("--store", help="results database (default: the config's store)")
+    p.add_argument("--output", help="artifacts folder (default: the config's output)")
+    p.set_defaults(func=cmd_run)
+    p = sub.add_parser("report", help="write the report of a stored run (markdown, html, plots)")
+    p.add_argument("--run", help="run name (default: the latest run)")
+    p.add_argument("--store", default="results/quantlab.db", help="results database")
+    p.add_argument("--out", help="report folder (default: out/<run>/report)")
+    p.set_defaults(func=cmd_report)
+    p = sub.add_parser("plan", help="which variants of a model fit in a GPU's memory")
+    p.add_argument("model", help="model spec, folder, or a config.json (no weights needed)")
+    p.add_argument("--vram", required=True, help="GPU memory, e.g. 24GiB")
+    p.add_argument("--context", type=int, default=4096, help="context length in tokens")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--store", default="results/quantlab.db", help="results database")
+    p.set_defaults(func=cmd_plan)
 
     p = model_cmd("convert", "convert a model to GGUF with llama.cpp's own converter")
     p.add_argument("--to", choices=["gguf"], default="gguf", help="target format (gguf)")

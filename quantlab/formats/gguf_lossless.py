@@ -165,3 +165,25 @@ def write_lossless_gguf(
     file_type = FILE_TYPES[max(kinds, key=list(FILE_TYPES).index)]
     dst = copy_gguf(reader, dst, tensor, file_type, strings)
     return dst, {name: gtype for name, (gtype, _) in blocks.items()}
+
+
+def lossless_artifact(result, model_ref, out: Path, cache: Path) -> tuple[Path, dict]:
+    """``out``: ``result`` (a `QuantizationResult` of ``model_ref``) as GGUF blocks in a copy of
+    the model's full-precision GGUF, with its manifest; returns the path and per-linear types."""
+    import dataclasses
+    import json
+
+    from quantlab.formats.gguf_quant import full_precision_gguf, write_gguf_manifest
+
+    src = full_precision_gguf(model_ref, cache)
+    config = json.loads((Path(model_ref.path) / "config.json").read_text())
+    path, types = write_lossless_gguf(result, src, out, config)
+    write_gguf_manifest(
+        path,
+        src,
+        model_ref,
+        lossless_from=result.method,
+        config=dataclasses.asdict(result.config),
+        calibration=result.calibration,
+    )
+    return path, types

@@ -233,3 +233,40 @@ def full_precision_gguf(
     if not dest.is_file():
         convert_hf_to_gguf(model_ref, dest, outtype, cache=cache, llama_cpp=llama_cpp)
     return dest
+
+
+def llama_cpp_artifact(
+    model_ref,
+    out: Path,
+    gguf_type: str,
+    cache: Path,
+    *,
+    imatrix: tuple[dict, int] | None = None,
+    calibration=None,
+    corpus_label: str = "",
+) -> Path:
+    """``out``: llama.cpp's ``gguf_type`` quantization of ``model_ref``'s full-precision GGUF;
+    with ``imatrix`` ((values, rows) measured on ``calibration``) fed to llama.cpp and also saved
+    as ``<out stem>.imatrix.gguf``; then the manifest."""
+    src = full_precision_gguf(model_ref, cache)
+    values = None
+    if imatrix is not None:
+        values, rows = imatrix
+        imatrix_file = out.with_name(out.stem + ".imatrix.gguf")
+        write_imatrix_gguf(imatrix_file, values, rows, [corpus_label], calibration.config.seq_len)
+    quantize_gguf(
+        src,
+        out,
+        gguf_type,
+        imatrix=values,
+        calibration_sha256=calibration.sha256 if values is not None else None,
+    )
+    write_gguf_manifest(
+        out,
+        src,
+        model_ref,
+        gguf_type=gguf_type.upper(),
+        imatrix=values is not None,
+        calibration=calibration.provenance() if values is not None else None,
+    )
+    return out

@@ -1,0 +1,343 @@
+"""`quantlab run`: take one model through every variant of a run config, evaluate every artifact
+the same way, and store the results.
+
+For each variant: quantize (quantlab's method, a reference toolkit, or llama.cpp), write the
+artifact (atomically), evaluate it *from disk* with the shared harness against the unquantized
+model, and record one row in the results store. What is shared across variants: the calibration
+set (drawn once; every method and the importance matrix see the same token ids), the importance
+matrix (measured once on the unquantized model, for every GGUF variant that asks for it), the
+full-precision GGUF, and the reference's distributions for the KL divergence (cached on disk by
+the harness). GPTQ and AWQ each need their own pass: each block's inputs come from the blocks
+already quantized *by that method*, so those statistics cannot be shared.
+
+A variant whose result key is already in the store is skipped, so a killed sweep resumes where
+it stopped; an artifact left without a row (killed during evaluation) is redone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab import __version__, settings
+from quantlab.errors import QuantlabError
+from quantlab.workbench.config import RunConfig, Variant
+from quantlab.workbench.store import ResultStore
+
+
+@dataclass
+class SweepReport:
+    run_id: int
+    done: list[str]  # variants evaluated in this run
+    skipped: list[str]  # variants already in the store
+    notes: list[str]
+    seconds: float
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"quantlab": __version__}
+    for pkg in (
+        "torch",
+        "transformers",
+        "llama-cpp-python",
+        "gguf",
+        "lm-eval",
+        "gptqmodel",
+        "llmcompressor",
+    ):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def result_key(variant: Variant, config: RunConfig, model_sha256: str) -> str:
+    """What determines a variant's result: its settings, the calibration it uses, the
+    evaluation, the model's content and the code versions."""
+    from quantlab.eval.harness import METRICS_VERSION
+
+    parts = {
+        "variant": {k: v for k, v in dataclasses.asdict(variant).items() if k != "name"},
+        "calibration": dataclasses.asdict(config.calibration)
+        if variant.needs_calibration
+        else None,
+        "evaluation": dataclasses.asdict(config.evaluation),
+        "model": model_sha256,
+        "quantlab": __version__,
+        "metrics": METRICS_VERSION,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+class _Shared:
+    """What variants share, computed on first use."""
+
+    def __init__(self, config: RunConfig, model_ref, data_root, cache):
+        self.config, self.model_ref, self.data_root, self.cache = (
+            config,
+            model_ref,
+            data_root,
+            cache,
+        )
+        self._calibration = self._imatrix = None
+
+    def calibration(self):
+        if self._calibration is None:
+            from quantlab.data import CalibrationConfig, build_calibration, load_corpus
+            from quantlab.models import load_tokenizer
+
+            c = self.config.calibration
+            cfg = CalibrationConfig(
+                corpus=c.corpus,
+                split=c.split,
+                n_samples=c.n_samples,
+                seq_len=c.seq_len,
+                seed=c.seed,
+            )
+            corpus = load_corpus(
+                cfg.corpus, cfg.split, data_root=self.data_root, fallback=c.allow_fallback
+            )
+            self._calibration = (
+                corpus,
+                build_calibration(load_tokenizer(self.model_ref), corpus, cfg),
+            )
+        return self._calibration
+
+    def imatrix(self):
+        if self._imatrix is None:
+            from quantlab.methods.runner import collect_imatrix
+            from quantlab.models import load_model
+
+            _, calib = self.calibration()
+            model = load_model(self.model_ref)
+            self._imatrix = collect_imatrix(
+                model, self.model_ref.folder.arch, calib, calib_dtype=self.config.calibration.dtype
+            )
+        return self._imatrix
+
+
+def _remove(path: Path) -> None:
+    """Remove a leftover artifact (folder, or .gguf file with its side files)."""
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.suffix == ".gguf":
+        for side in path.parent.glob(path.stem + "*"):
+            side.unlink()
+
+
+def produce(variant: Variant, shared: _Shared, out: Path) -> tuple[str, str]:
+    """Quantize and write ``variant``; returns (what to evaluate, its format)."""
+    from quantlab.formats.gguf_quant import llama_cpp_artifact
+
+    model_ref, cache = shared.model_ref, settings.cache_dir(shared.cache)
+    if variant.is_reference:
+        return str(model_ref.path), "hf"
+    if variant.gguf_type:  # llama.cpp's quantization of the full-precision GGUF
+        corpus, calibration, imatrix = None, None, None
+        if variant.imatrix:
+            corpus, calibration = shared.calibration()
+            imatrix = shared.imatrix()
+        llama_cpp_artifact(
+            model_ref,
+            out,
+            variant.gguf_type,
+            cache,
+            imatrix=imatrix,
+            calibration=calibration,
+            corpus_label=corpus.label if corpus else "",
+        )
+        return str(out), "gguf"
+    if variant.impl != "quantlab":  # a reference toolkit on the same calibration ids
+        from quantlab.reference import run_reference
+
+        _, calibration = shared.calibration()
+        run = run_reference(
+            variant.impl,
+            variant.method,
+            model_ref.path,
+            calibration.input_ids,
+            out,
+            bits=variant.bits,
+            group_size=variant.group_size,
+            sym=True if variant.sym is None else variant.sym,
+            act_order=variant.act_order,
+            damp_percent=variant.damp_percent,
+        )
+        return str(run.out_dir), f"{variant.impl}: {run.format}"
+    from quantlab.formats.checkpoint import write_checkpoint
+    from quantlab.formats.native import write_native
+    from quantlab.methods import get_method
+    from quantlab.methods.runner import quantize_model
+    from quantlab.models import load_model
+
+    spec = get_method(variant.method)
+    method_config = spec.config_cls(**variant.method_options())
+    calibration = shared.calibration()[1] if spec.needs_calibration else None
+    model = load_model(model_ref)
+    result = quantize_model(
+        model,
+        model_ref.folder.arch,
+        variant.method,
+        method_config,
+        calibration,
+        calib_dtype=shared.config.calibration.dtype,
+    )
+    if variant.format == "native":
+        return str(write_native(result, model_ref, out)), "native"
+    if variant.format == "gguf":
+        from quantlab.formats.gguf_lossless import lossless_artifact
+
+        return str(lossless_artifact(result, model_ref, out, cache)[0]), "gguf"
+    fmt = "gptq_v2" if variant.format == "gptq" and variant.gptq_format == "v2" else variant.format
+    return str(write_checkpoint(fmt, result, model, model_ref, out)), fmt
+
+
+def preflight(config: RunConfig, model_ref) -> None:
+    """Refuse, before any work, variants whose format cannot hold this model's shapes."""
+    arch = model_ref.folder.arch
+    linears = [
+        t for t in model_ref.folder.tensors
+        if t.name.startswith(arch.blocks + ".") and len(t.shape) == 2
+        and any(t.name.endswith(f".{name}.weight") for name in arch.linears)
+    ]  # fmt: skip
+    for v in config.variants:
+        whole_groups = v.format == "awq" or (v.format == "gguf" and v.method)
+        if not whole_groups or v.group_size <= 0:
+            continue
+        bad = next((t for t in linears if t.shape[1] % v.group_size), None)
+        if bad is not None:
+            raise QuantlabError(
+                f"variant {v.name}: {bad.name} has in_features={bad.shape[1]}, not a multiple "
+                f"of group_size {v.group_size}, which format {v.format} needs"
+            )
+
+
+def _eval_config(config: RunConfig, data_root, notes: list[str]):
+    from quantlab.eval.harness import EvalConfig
+    from quantlab.eval.lmeval import LOCAL_TASKS
+    from quantlab.eval.perplexity import PerplexityConfig
+
+    e = config.evaluation
+    tasks = list(e.tasks)
+    root = settings.data_root(data_root)
+    if e.allow_fallback:
+        unavailable = [
+            t
+            for t in tasks
+            if t in LOCAL_TASKS
+            and (root is None or not all((root / f).is_file() for f in LOCAL_TASKS[t].files))
+        ]
+        for task in unavailable:
+            where = f"the data folder {root}" if root else "a data folder (none is configured)"
+            notes.append(f"task {task} skipped: its files are not in {where}")
+            tasks.remove(task)
+    ppl = tuple(
+        PerplexityConfig(
+            corpus=p.corpus,
+            split=p.split,
+            protocol=p.protocol,
+            context=p.context,
+            max_tokens=p.max_tokens,
+        )
+        for p in e.perplexity
+    )
+    return EvalConfig(
+        perplexity=ppl,
+        kld=e.kld,
+        tasks=tuple(tasks),
+        limit=e.limit,
+        speed=e.speed,
+        allow_fallback=e.allow_fallback,
+    )
+
+
+def run_sweep(
+    config: RunConfig,
+    *,
+    data_root=None,
+    cache=None,
+    store_path: str | Path | None = None,
+    output: str | Path | None = None,
+    log=None,
+) -> SweepReport:
+    """Run every variant of ``config`` not yet in the store; see the module docstring."""
+    from tqdm import tqdm
+
+    from quantlab.eval.harness import evaluate
+    from quantlab.fingerprint import content_sha256
+    from quantlab.models import resolve_model
+
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    start = time.perf_counter()
+    model_ref = resolve_model(config.model, cache=cache)
+    preflight(config, model_ref)
+    model_sha = content_sha256(model_ref.path)
+    out_root = Path(output or config.output) / config.name
+    notes: list[str] = []
+    eval_config = _eval_config(config, data_root, notes)
+    for note in notes:
+        log(f"note: {note}")
+    shared = _Shared(config, model_ref, data_root, cache)
+    done, skipped = [], []
+    with ResultStore(store_path or config.store) as store:
+        config_json = json.dumps(config.to_dict())
+        run_id = store.start_run(config.name, config.model, config_json, config.sha256())
+        keys = {v.name: result_key(v, config, model_sha) for v in config.variants}
+        todo = [v for v in config.variants if not store.has(keys[v.name])]
+        skipped = [v.name for v in config.variants if v not in todo]
+        if skipped:
+            log(f"already in {store.path}: {', '.join(skipped)}")
+        bar = tqdm(total=len(todo), desc=config.name, unit="variant", file=sys.stderr)
+        for i, variant in enumerate(todo, 1):
+            timings = {}
+            bar.set_postfix_str(f"{i}/{len(todo)} {variant.name}: quantize")
+            t0 = time.perf_counter()
+            suffix = ".gguf" if variant.format == "gguf" else ""
+            out = out_root / f"{variant.name}{suffix}"
+            if out.exists():  # written by a run killed before its row was recorded
+                _remove(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            target, fmt = produce(variant, shared, out)
+            timings["quantize_s"] = time.perf_counter() - t0
+            bar.set_postfix_str(f"{i}/{len(todo)} {variant.name}: evaluate")
+            t0 = time.perf_counter()
+            metrics = evaluate(
+                target, eval_config, reference=config.model, data_root=data_root, cache=cache
+            )
+            timings["evaluate_s"] = time.perf_counter() - t0
+            timings.update({f"eval:{k}": v for k, v in metrics.stage_seconds.items()})
+            calib_sha = shared.calibration()[1].sha256 if variant.needs_calibration else None
+            store.record(
+                key=keys[variant.name],
+                run_id=run_id,
+                run_name=config.name,
+                variant=variant,
+                model=config.model,
+                model_sha256=model_sha,
+                calibration_sha256=calib_sha,
+                config_sha256=config.sha256(),
+                artifact=target,
+                fmt=fmt,
+                metrics=metrics,
+                versions=_versions(),
+                timings=timings,
+            )
+            done.append(variant.name)
+            log(
+                f"{variant.name}: quantize {timings['quantize_s']:.1f} s, "
+                f"evaluate {timings['evaluate_s']:.1f} s"
+            )
+            bar.update(1)
+        bar.close()
+        store.finish_run(run_id)
+    if not done and not skipped:
+        raise QuantlabError("nothing to run")
+    return SweepReport(run_id, done, skipped, notes, time.perf_counter() - start)
