@@ -57,6 +57,13 @@ def atomic_directory(final: str | os.PathLike) -> Iterator[Path]:
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise QuantlabError(f"could not write {final}: {exc.strerror or exc}") from exc
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_io_error(exc):  # e.g. safetensors' "I/O error: No space left on device"
+            raise QuantlabError(f"could not write {final}: {exc}") from exc
         raise
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    """An error raised by a native writer (safetensors, gguf) for a failed write."""
+    return type(exc).__name__ == "SafetensorError" and "I/O error" in str(exc)

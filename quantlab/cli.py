@@ -405,6 +405,7 @@ def cmd_run(args) -> None:
         cache=args.cache,
         store_path=store_path,
         output=args.output,
+        progress_file=args.progress_file,
     )
     with ResultStore(store_path) as store:
         rows = [r for r in store.results(run_name=config.name)]
@@ -448,6 +449,13 @@ def cmd_report(args) -> None:
     out = Path(args.out or Path("out") / name / "report")
     path = _write_report(rows, out, name, rows[0].model)
     print(f"\nreport: {path}")
+
+
+def cmd_verify(args) -> None:
+    from quantlab.verify import verify
+
+    report = verify(args.artifact)
+    print(f"{args.artifact}: verified ({report.kind}, {len(report.checks)} checks)")
 
 
 def cmd_plan(args) -> None:
@@ -611,16 +619,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
+    sub.add_parser("app", help="start the web app (quantlab app --help for its options)")
     p = sub.add_parser("run", help="run a sweep from a YAML config: quantize, evaluate, store")
     p.add_argument("config", help="run config (configs/demo.yaml, ...)")
     p.add_argument("--store", help="results database (default: the config's store)")
     p.add_argument("--output", help="artifacts folder (default: the config's output)")
+    p.add_argument("--progress-file", help="keep a JSON progress record here (for front ends)")
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("report", help="write the report of a stored run (markdown, html, plots)")
     p.add_argument("--run", help="run name (default: the latest run)")
     p.add_argument("--store", default="results/quantlab.db", help="results database")
     p.add_argument("--out", help="report folder (default: out/<run>/report)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser("verify", help="check an artifact: manifest, checksums, shapes, loading")
+    p.add_argument("artifact", help="a checkpoint folder or a .gguf file")
+    p.set_defaults(func=cmd_verify)
     p = sub.add_parser("plan", help="which variants of a model fit in a GPU's memory")
     p.add_argument("model", help="model spec, folder, or a config.json (no weights needed)")
     p.add_argument("--vram", required=True, help="GPU memory, e.g. 24GiB")
@@ -687,6 +700,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["app"]:  # the Gradio app has its own options (quantlab app --help)
+        from quantlab.webapp import main as app_main
+
+        return app_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         args.func(args)

@@ -96,7 +96,10 @@ def test_a_format_that_cannot_hold_the_model_is_refused_before_work(tiny_models,
     data["variants"].append({"method": "awq", "bits": 4, "group_size": 128, "format": "awq"})
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(data))
-    with pytest.raises(QuantlabError, match="down_proj.weight has in_features=576, not a multiple of group_size 128"):
+    with pytest.raises(
+        QuantlabError,
+        match="down_proj.weight has in_features=576, not a multiple of group_size 128",
+    ):
         from quantlab.workbench.pipeline import run_sweep
 
         run_sweep(load_run_config(path))

@@ -55,7 +55,10 @@ def check_gguf_architecture(path: str | os.PathLike, runtime: str = "llama.cpp")
     field = reader.fields.get("general.architecture")
     if field is None:
         raise CorruptFileError(f"{path}: GGUF file without general.architecture")
-    arch = str(field.contents())
+    try:
+        arch = str(field.contents())
+    except (UnicodeDecodeError, ValueError, IndexError) as exc:
+        raise CorruptFileError(f"{path}: unreadable general.architecture ({exc})") from None
     known = TORCH_ARCHITECTURES if runtime == "torch" else tuple(MODEL_ARCH_NAMES.values())
     if arch not in known:
         where = "quantlab's torch runtime" if runtime == "torch" else "llama.cpp"
@@ -80,6 +83,8 @@ def gguf_writer(dst: str | os.PathLike, arch: str) -> Iterator:
         writer.write_tensors_to_file()
         writer.close()
         os.replace(tmp, dst)
+    except OSError as exc:
+        raise QuantlabError(f"could not write {dst}: {exc.strerror or exc}") from exc
     finally:
         tmp.unlink(missing_ok=True)
 

@@ -120,7 +120,16 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _decoder(fmt: str, qc: dict, dtype: torch.dtype):
-    """``decode(name, parts, out, in) -> QuantizedWeight`` and the tensor parts it reads."""
+    """``decode(name, parts, out, in) -> QuantizedWeight`` and the tensor parts it reads; a
+    quantization_config with values of the wrong type is a `CorruptFileError`."""
+    try:
+        return _decoder_for(fmt, qc, dtype)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        raise CorruptFileError(f"quantization_config is malformed ({detail})") from None
+
+
+def _decoder_for(fmt: str, qc: dict, dtype: torch.dtype):
     if fmt in layouts.GPTQ_FORMATS:
         if "bits" not in qc:
             raise CorruptFileError("quantization_config has no 'bits'")

@@ -77,6 +77,10 @@ def arch_spec(architecture: str) -> ArchSpec:
 def arch_spec_for_config(config: dict) -> ArchSpec:
     """The spec for a parsed config.json (its first ``architectures`` entry)."""
     archs = config.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UnsupportedArchitectureError(
+            f"config.json 'architectures' must be a list of class names, got {archs!r:.80}"
+        )
     if not archs:
         raise UnsupportedArchitectureError(
             "config.json names no architecture ('architectures' is missing); supported: "

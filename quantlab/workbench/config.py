@@ -258,7 +258,10 @@ def parse_run_config(data) -> RunConfig:
     calib = data.get("calibration") or {}
     _types(CalibrationSpec, calib if isinstance(calib, dict) else {}, "calibration")
     data["calibration"] = _build(CalibrationSpec, calib, "calibration")
-    evaluation = dict(data.get("evaluation") or {})
+    evaluation = data.get("evaluation") or {}
+    if not isinstance(evaluation, dict):
+        raise ConfigError("evaluation: expected a mapping")
+    evaluation = dict(evaluation)
     if "perplexity" in evaluation:
         ppl = evaluation["perplexity"]
         if not isinstance(ppl, list):
@@ -285,8 +288,10 @@ def load_run_config(path: str | Path) -> RunConfig:
     if not path.is_file():
         raise ConfigError(f"run config {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+        data = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except (yaml.YAMLError, RecursionError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
     try:
         return parse_run_config(data)

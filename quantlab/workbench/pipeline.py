@@ -267,8 +267,12 @@ def run_sweep(
     store_path: str | Path | None = None,
     output: str | Path | None = None,
     log=None,
+    progress_file: str | Path | None = None,
 ) -> SweepReport:
-    """Run every variant of ``config`` not yet in the store; see the module docstring."""
+    """Run every variant of ``config`` not yet in the store; see the module docstring.
+
+    ``progress_file``: a JSON file rewritten (atomically) at every stage - run, variant i of N,
+    stage, seconds elapsed, estimated seconds left - for front ends such as the app."""
     from tqdm import tqdm
 
     from quantlab.eval.harness import evaluate
@@ -296,9 +300,24 @@ def run_sweep(
         if skipped:
             log(f"already in {store.path}: {', '.join(skipped)}")
         bar = tqdm(total=len(todo), desc=config.name, unit="variant", file=sys.stderr)
+        sweep_start = time.perf_counter()
+
+        def stage(i: int, name: str, what: str) -> None:
+            bar.set_postfix_str(f"{i}/{len(todo)} {name}: {what}")
+            if progress_file is None:
+                return
+            elapsed = time.perf_counter() - sweep_start
+            per = elapsed / (i - 1) if i > 1 else None
+            state = {"run": config.name, "variant": name, "index": i, "total": len(todo),
+                     "stage": what, "elapsed_s": elapsed, "skipped": skipped,
+                     "eta_s": None if per is None else per * (len(todo) - i + 1)}  # fmt: skip
+            tmp = Path(f"{progress_file}.tmp")
+            tmp.write_text(json.dumps(state))
+            tmp.replace(progress_file)
+
         for i, variant in enumerate(todo, 1):
             timings = {}
-            bar.set_postfix_str(f"{i}/{len(todo)} {variant.name}: quantize")
+            stage(i, variant.name, "quantize")
             t0 = time.perf_counter()
             suffix = ".gguf" if variant.format == "gguf" else ""
             out = out_root / f"{variant.name}{suffix}"
@@ -307,7 +326,7 @@ def run_sweep(
             out.parent.mkdir(parents=True, exist_ok=True)
             target, fmt = produce(variant, shared, out)
             timings["quantize_s"] = time.perf_counter() - t0
-            bar.set_postfix_str(f"{i}/{len(todo)} {variant.name}: evaluate")
+            stage(i, variant.name, "evaluate")
             t0 = time.perf_counter()
             metrics = evaluate(
                 target, eval_config, reference=config.model, data_root=data_root, cache=cache
@@ -338,6 +357,7 @@ def run_sweep(
             bar.update(1)
         bar.close()
         store.finish_run(run_id)
+        stage(len(todo) + 1, "", "done")
     if not done and not skipped:
         raise QuantlabError("nothing to run")
     return SweepReport(run_id, done, skipped, notes, time.perf_counter() - start)

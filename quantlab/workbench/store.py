@@ -158,8 +158,11 @@ class ResultStore:
             json.dumps(timings),
             time.time(),
         )
-        with self.db:
-            self.db.execute(f"INSERT INTO results VALUES ({', '.join('?' * len(row))})", row)
+        try:
+            with self.db:  # one transaction: the row is there complete, or not at all
+                self.db.execute(f"INSERT INTO results VALUES ({', '.join('?' * len(row))})", row)
+        except sqlite3.Error as exc:
+            raise QuantlabError(f"results store {self.path}: could not record ({exc})") from None
 
     def runs(self) -> list[dict]:
         cur = self.db.execute(

@@ -1,0 +1,532 @@
+"""The Gradio app: quantize, compare, plan and download, over the same pipeline as the CLI.
+
+Nothing is re-implemented here. **Quantize** turns the form into a run config (validated by
+`quantlab.workbench.config`, so the app refuses exactly what the CLI refuses) and starts
+``quantlab run`` in a child process; progress comes from the run's progress file, and Cancel kills
+the child - the results store only ever holds complete rows, so a cancelled run leaves nothing
+marked complete. One run at a time per app process. **Compare** reads the results store;
+**Fit** is `quantlab.workbench.plan`; **Artifacts** lists stored artifacts with their manifests
+and serves their files - only files inside the artifact folder (resolved paths are checked, so
+``..`` and symlinks out of it are refused).
+
+    python app.py [--host 127.0.0.1] [--port 7860] [--auth user:password] [--workdir app-data]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from quantlab.errors import QuantlabError
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # air-gapped by default: no phoning home
+GGUF_CHOICES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_XS"]
+VRAM_PRESETS = [8, 12, 16, 24, 48, 80]
+PRESETS = {
+    "quick": {
+        "calibration": {"corpus": "c4", "n_samples": 8, "seq_len": 256},
+        "evaluation": {
+            "perplexity": [{"corpus": "wikitext2", "context": 256, "max_tokens": 2048}],
+            "kld": True,
+            "speed": True,
+        },
+    },
+    "standard": {
+        "calibration": {"corpus": "c4", "n_samples": 32, "seq_len": 512, "dtype": "bfloat16"},
+        "evaluation": {
+            "perplexity": [{"corpus": "wikitext2", "context": 512, "max_tokens": 8192}],
+            "kld": True,
+            "tasks": ["piqa"],
+            "limit": 100,
+            "speed": True,
+        },
+    },
+}
+RUN_SNIPPETS = {
+    "gguf": "llama-cli -m {path} -p 'Hello'   # or: python -c \"from llama_cpp import Llama; "
+    "print(Llama('{path}')('Hello', max_tokens=32))\"",
+    "gptq": "from transformers import AutoModelForCausalLM\n"
+    "model = AutoModelForCausalLM.from_pretrained('{path}')   # or: vllm serve {path}",
+    "awq": "from transformers import AutoModelForCausalLM\n"
+    "model = AutoModelForCausalLM.from_pretrained('{path}')   # or: vllm serve {path}",
+    "native": "import quantlab\nmodel, _ = quantlab.load('{path}')   # quantlab's exact tensors",
+    "hf": "from transformers import AutoModelForCausalLM\n"
+    "model = AutoModelForCausalLM.from_pretrained('{path}')",
+}
+
+
+class Workspace:
+    """Where the app keeps its run configs, artifacts and results store, and the one active job."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).resolve()
+        self.artifacts = self.root / "artifacts"
+        self.store = self.root / "results.db"
+        self.configs = self.root / "configs"
+        for folder in (self.artifacts, self.configs):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self.proc: subprocess.Popen | None = None
+
+    def safe_path(self, requested: str) -> Path:
+        """``requested`` resolved, if it lies inside the artifact folder; refused otherwise."""
+        path = Path(requested)
+        path = (path if path.is_absolute() else self.artifacts / path).resolve()
+        if not path.is_relative_to(self.artifacts) or not path.is_file():
+            raise QuantlabError(f"refused: {requested} is not a file in the artifact folder")
+        return path
+
+
+def run_config(
+    ws: Workspace,
+    name,
+    model,
+    include_reference,
+    methods,
+    bits,
+    group_size,
+    fmt,
+    gguf_types,
+    imatrix,
+    preset,
+) -> dict:
+    """The run config the Quantize form describes (validated by the workbench's parser)."""
+    from quantlab.workbench.config import parse_run_config
+
+    variants = [{}] if include_reference else []
+    for method in methods or []:
+        v = {"method": method, "bits": int(bits), "group_size": int(group_size), "sym": False}
+        if fmt != "native":
+            v["format"] = fmt
+            if fmt == "gptq":
+                v["gptq_format"] = "v2"
+        variants.append(v)
+    for gtype in gguf_types or []:
+        variants.append({"gguf_type": gtype, "imatrix": bool(imatrix)})
+    chosen = PRESETS[preset]
+    data = {
+        "name": name.strip() or time.strftime("app-%Y%m%d-%H%M%S"),
+        "model": model.strip(),
+        "variants": variants,
+        "calibration": {**chosen["calibration"], "allow_fallback": True},
+        "evaluation": {**chosen["evaluation"], "allow_fallback": True},
+        "output": str(ws.artifacts),
+        "store": str(ws.store),
+    }
+    parse_run_config(data)  # raises ConfigError naming the problem
+    return data
+
+
+def _status(state: dict | None, started: float) -> str:
+    if not state:
+        return f"starting ... ({time.time() - started:.0f} s)"
+    if state["stage"] == "done":
+        return f"run {state['run']}: done in {state['elapsed_s']:.0f} s"
+    eta = state.get("eta_s")
+    eta_text = f", about {eta:.0f} s left" if eta is not None else ""
+    return (
+        f"run {state['run']}: variant {state['index']}/{state['total']} "
+        f"**{state['variant']}** - {state['stage']} ({state['elapsed_s']:.0f} s elapsed{eta_text})"
+    )
+
+
+def start_run(ws: Workspace, data: dict):
+    """Start ``quantlab run`` for ``data`` in a child process; yields status lines until done.
+    Raises if a run is already active (one job at a time)."""
+    with ws.lock:
+        if ws.proc is not None and ws.proc.poll() is None:
+            raise QuantlabError("a run is already in progress; wait for it or cancel it")
+        cfg = ws.configs / f"{data['name']}.yaml"
+        cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+        progress = ws.configs / f"{data['name']}.progress.json"
+        progress.unlink(missing_ok=True)
+        log = open(ws.configs / f"{data['name']}.log", "w")  # noqa: SIM115 (child writes it)
+        cmd = [sys.executable, "-m", "quantlab", "run", str(cfg), "--progress-file", str(progress)]
+        ws.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        proc = ws.proc
+    started = time.time()
+    while proc.poll() is None:
+        state = json.loads(progress.read_text()) if progress.is_file() else None
+        yield _status(state, started)
+        time.sleep(1.0)
+    log.close()
+    if proc.returncode < 0:
+        yield f"run {data['name']}: cancelled; completed variants stay in the results"
+        return
+    if proc.returncode != 0:
+        lines = (ws.configs / f"{data['name']}.log").read_text().strip().splitlines()
+        error = next(
+            (x for x in reversed(lines) if "error" in x.lower()), lines[-1] if lines else ""
+        )
+        raise QuantlabError(f"run {data['name']} failed: {error.strip()}")
+    state = json.loads(progress.read_text()) if progress.is_file() else None
+    yield _status(state, started)
+
+
+def cancel_run(ws: Workspace) -> str:
+    with ws.lock:
+        if ws.proc is None or ws.proc.poll() is not None:
+            return "no run in progress"
+        ws.proc.kill()
+        ws.proc.wait()
+    return "cancelled: the run was stopped; nothing partial is recorded"
+
+
+def results(ws: Workspace, run: str = "all", model: str = "all") -> list:
+    from quantlab.workbench.store import ResultStore
+
+    if not ws.store.is_file():
+        return []
+    with ResultStore(ws.store) as store:
+        rows = store.results()
+    return [r for r in rows if run in ("all", r.run_name) and model in ("all", r.model)]
+
+
+def results_frame(rows):
+    import pandas as pd
+
+    from quantlab.workbench.report import results_table
+
+    if not rows:
+        return pd.DataFrame({"message": ["no results yet: run a quantization first"]})
+    header, body = results_table(rows)
+    frame = pd.DataFrame(body, columns=header)
+    frame.insert(0, "run", [r.run_name for r in rows])
+    return frame
+
+
+def figures(rows) -> list:
+    """Plotly figures: size vs perplexity (Pareto front), KLD, speed vs perplexity, accuracy."""
+    import plotly.graph_objects as go
+
+    from quantlab.workbench.report import _row_values, pareto_front
+
+    values = [(_row_values(r), r) for r in rows]
+    label = [f"{r.run_name} / {v['variant']}" for v, r in values]
+    size = go.Figure()
+    pts = [
+        (v["size_mib"], v["ppl"], lab)
+        for (v, _), lab in zip(values, label, strict=True)
+        if v["size_mib"] and v["ppl"]
+    ]
+    front = {p[2] for p in pareto_front(pts)}
+    for on_front, color in ((False, "#1f77b4"), (True, "#d62728")):
+        sel = [p for p in pts if (p[2] in front) == on_front]
+        size.add_trace(
+            go.Scatter(
+                x=[p[0] for p in sel],
+                y=[p[1] for p in sel],
+                text=[p[2] for p in sel],
+                mode="markers",
+                marker={"size": 11, "color": color},
+                name="Pareto front" if on_front else "other variants",
+                hovertemplate="%{text}<br>%{x:.1f} MiB<br>ppl %{y:.3f}<extra></extra>",
+            )
+        )
+    size.update_layout(title="size vs perplexity", xaxis_title="MiB", yaxis_title="perplexity")
+    kld = go.Figure(
+        go.Bar(
+            x=[v["kld"] for v, _ in values if v["kld"]],
+            y=[lab for (v, _), lab in zip(values, label, strict=True) if v["kld"]],
+            orientation="h",
+            hovertemplate="%{y}<br>KLD %{x:.4f}<extra></extra>",
+        )
+    )
+    kld.update_layout(title="KL divergence vs the unquantized model", xaxis_type="log")
+    speed = go.Figure(
+        go.Scatter(
+            x=[v["decode"] for v, _ in values if v["decode"] and v["ppl"]],
+            y=[v["ppl"] for v, _ in values if v["decode"] and v["ppl"]],
+            text=[
+                lab for (v, _), lab in zip(values, label, strict=True) if v["decode"] and v["ppl"]
+            ],
+            mode="markers",
+            marker={"size": 11},
+            hovertemplate="%{text}<br>%{x:.1f} tok/s<br>ppl %{y:.3f}<extra></extra>",
+        )
+    )
+    speed.update_layout(title="decode speed vs perplexity", xaxis_title="tokens/s")
+    acc = go.Figure()
+    tasks = sorted({k for v, _ in values for k in v if k.startswith("task:")})
+    for task in tasks:
+        acc.add_trace(go.Bar(name=task[5:], x=label, y=[v.get(task) for v, _ in values]))
+    acc.update_layout(title="accuracy by task", barmode="group")
+    if not tasks:
+        acc.add_annotation(
+            text="no lm-eval task in these results (the standard preset runs piqa)",
+            showarrow=False,
+            xref="paper",
+            yref="paper",
+            x=0.5,
+            y=0.5,
+        )
+    return [size, kld, speed, acc]
+
+
+def plan_table(model: str, vram_gib: float, context: int, batch: int, ws: Workspace):
+    import pandas as pd
+
+    from quantlab.workbench.plan import GIB, plan, read_config
+
+    config, label, sha = read_config(model)
+    measured = [r for r in results(ws) if r.model_sha256 == sha and r.metrics.kld] if sha else []
+    measured.sort(key=lambda r: r.metrics.kld.mean)
+    rows = plan(config, int(context), int(batch), measured)
+    vram = vram_gib * GIB
+    frame = pd.DataFrame(
+        [
+            {
+                "variant": r.name,
+                "runtime": r.runtime,
+                "fits": "yes" if r.total <= vram else "no",
+                "total GiB": round(r.total / GIB, 2),
+                "weights GiB": round(r.weights / GIB, 2),
+                "KV cache GiB": round(r.kv / GIB, 2),
+                "buffers + runtime GiB": round((r.compute + r.runtime_bytes) / GIB, 2),
+                "measured KLD": round(r.measured.metrics.kld.mean, 4) if r.measured else None,
+            }
+            for r in rows
+        ]
+    )
+    fitting = [r for r in rows if r.total <= vram]
+    if not fitting:
+        why = "Nothing fits: lower the context or the batch, or pick a smaller model."
+    else:
+        best = fitting[0] if fitting[0].measured else max(fitting, key=lambda r: r.weights)
+        basis = (
+            "best measured quality" if best.measured else "most bits per weight (no measurements)"
+        )
+        why = (
+            f"**Best choice for {vram_gib:g} GiB: {best.name}** ({basis}): weights "
+            f"{best.weights / GIB:.2f} GiB + KV cache {best.kv / GIB:.2f} GiB "
+            f"({context} tokens x batch {batch}, fp16) + buffers and runtime "
+            f"{(best.compute + best.runtime_bytes) / GIB:.2f} GiB = {best.total / GIB:.2f} GiB."
+        )
+    return frame, f"{label}: {why}"
+
+
+def artifact_choices(ws: Workspace) -> list[str]:
+    return [
+        r.artifact for r in results(ws) if Path(r.artifact).resolve().is_relative_to(ws.artifacts)
+    ]
+
+
+def artifact_details(ws: Workspace, artifact: str):
+    """The manifest, the files, and a how-to-run snippet of one stored artifact."""
+    if not artifact:
+        return {}, [], ""
+    path = Path(artifact).resolve()
+    if not path.is_relative_to(ws.artifacts):
+        raise QuantlabError("refused: not an artifact of this app")
+    manifest_path = (
+        path / "quantlab_manifest.json" if path.is_dir() else Path(f"{path}.manifest.json")
+    )
+    if path.is_dir() and not manifest_path.is_file():
+        manifest_path = path / "manifest.json"
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    files = sorted(
+        str(p.relative_to(ws.artifacts))
+        for p in (path.rglob("*") if path.is_dir() else [path, manifest_path])
+        if p.is_file()
+    )
+    row = next((r for r in results(ws) if r.artifact == artifact), None)
+    fmt = (row.format if row else "hf").split(":")[0]
+    fmt = "gptq" if fmt.startswith("gptq") else fmt
+    snippet = RUN_SNIPPETS.get(fmt, RUN_SNIPPETS["hf"]).format(path=artifact)
+    return manifest, files, f"```python\n{snippet}\n```"
+
+
+def build_app(workdir: str | Path = "app-data"):
+    import gradio as gr
+
+    from quantlab.models.resolve import named_models
+
+    ws = Workspace(workdir)
+    models = list(named_models())
+
+    def guarded(fn):
+        def call(*args):
+            try:
+                return fn(*args)
+            except QuantlabError as exc:
+                raise gr.Error(str(exc)) from None
+
+        return call
+
+    def run(name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset):
+        try:
+            data = run_config(
+                ws, name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset
+            )
+            yield from start_run(ws, data)
+        except QuantlabError as exc:
+            raise gr.Error(str(exc)) from None
+
+    with gr.Blocks(title="quantlab") as app:
+        gr.Markdown(
+            "# quantlab\nQuantize a model (GPTQ, AWQ, GGUF), compare every output the same "
+            "way, and pick what fits your GPU."
+        )
+        with gr.Tab("Quantize"):
+            with gr.Row():
+                model = gr.Dropdown(
+                    models,
+                    value=models[0],
+                    allow_custom_value=True,
+                    label="model (named, local folder, or Hub id)",
+                )
+                name = gr.Textbox(label="run name", placeholder="app-<time>")
+                preset = gr.Radio(
+                    list(PRESETS), value="quick", label="calibration + evaluation preset"
+                )
+            with gr.Row():
+                ref = gr.Checkbox(value=True, label="include the unquantized model")
+                methods = gr.CheckboxGroup(["rtn", "gptq", "awq"], value=["gptq"], label="methods")
+                bits = gr.Dropdown([2, 3, 4, 8], value=4, label="bits")
+                group = gr.Dropdown([-1, 32, 64, 128], value=64, label="group size")
+                fmt = gr.Dropdown(
+                    ["native", "gptq", "awq"], value="gptq", label="checkpoint format"
+                )
+            with gr.Row():
+                gguf = gr.CheckboxGroup(GGUF_CHOICES, label="GGUF types (llama.cpp)")
+                imatrix = gr.Checkbox(
+                    label="GGUF: use the importance matrix of the calibration set"
+                )
+            with gr.Row():
+                run_btn = gr.Button("Run", variant="primary", elem_id="run")
+                cancel_btn = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            status = gr.Markdown("idle", elem_id="status")
+        with gr.Tab("Compare", id="compare"):
+            with gr.Row():
+                run_filter = gr.Dropdown(["all"], value="all", label="run")
+                model_filter = gr.Dropdown(["all"], value="all", label="model")
+                refresh = gr.Button("Refresh", elem_id="refresh")
+            table = gr.Dataframe(
+                label="results (click a column to sort)", elem_id="results", interactive=False
+            )
+            with gr.Row():
+                size_plot, kld_plot = gr.Plot(elem_id="size-plot"), gr.Plot(elem_id="kld-plot")
+            with gr.Row():
+                speed_plot, acc_plot = gr.Plot(elem_id="speed-plot"), gr.Plot(elem_id="acc-plot")
+        with gr.Tab("Fit"):
+            with gr.Row():
+                fit_model = gr.Dropdown(
+                    models, value=models[0], allow_custom_value=True, label="model or config.json"
+                )
+                vram = gr.Dropdown(
+                    VRAM_PRESETS, value=24, allow_custom_value=True, label="GPU memory (GiB)"
+                )
+                context = gr.Slider(512, 131072, value=8192, step=512, label="context (tokens)")
+                batch = gr.Number(1, precision=0, minimum=1, label="batch")
+            fit_btn = gr.Button("Plan")
+            fit_text = gr.Markdown()
+            fit_table = gr.Dataframe(interactive=False)
+        with gr.Tab("Artifacts"):
+            with gr.Row():
+                artifact = gr.Dropdown([], label="artifact", allow_custom_value=False)
+                list_btn = gr.Button("Refresh list")
+            how = gr.Markdown()
+            manifest = gr.JSON(label="manifest")
+            files = gr.Dropdown(
+                [], label="file (inside the artifact folder)", allow_custom_value=True
+            )
+            download = gr.File(label="download")
+
+        def compare(run_name, model_name):
+            every = results(ws)
+            rows = [
+                r
+                for r in every
+                if run_name in ("all", r.run_name) and model_name in ("all", r.model)
+            ]
+            runs = ["all", *sorted({r.run_name for r in every})]
+            mods = ["all", *sorted({r.model for r in every})]
+            return (
+                results_frame(rows),
+                *figures(rows),
+                gr.update(choices=runs),
+                gr.update(choices=mods),
+            )
+
+        outputs = [table, size_plot, kld_plot, speed_plot, acc_plot, run_filter, model_filter]
+        run_event = run_btn.click(
+            run,
+            [name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset],
+            status,
+            concurrency_limit=1,
+            api_name="run",
+        )
+        run_event.then(compare, [run_filter, model_filter], outputs)
+        cancel_btn.click(lambda: cancel_run(ws), None, status, api_name="cancel")
+        for trigger in (refresh.click, run_filter.change, model_filter.change):
+            trigger(compare, [run_filter, model_filter], outputs)
+        app.load(compare, [run_filter, model_filter], outputs)
+
+        def stored(run_name: str = "all") -> list[dict]:
+            """Every stored result of ``run_name`` ("all": every run), metrics as JSON."""
+            return [
+                {
+                    "run": r.run_name,
+                    "variant": r.variant,
+                    "format": r.format,
+                    "artifact": r.artifact,
+                    "metrics": json.loads(r.metrics.to_json()),
+                }
+                for r in results(ws, run_name)
+            ]
+
+        gr.api(stored, api_name="results")
+        fit_btn.click(
+            guarded(lambda m, v, c, b: plan_table(m, float(v), c, b, ws)),
+            [fit_model, vram, context, batch],
+            [fit_table, fit_text],
+            api_name="plan",
+        )
+        list_btn.click(lambda: gr.update(choices=artifact_choices(ws)), None, artifact)
+        app.load(lambda: gr.update(choices=artifact_choices(ws)), None, artifact)
+
+        def details(a):
+            man, names, snippet = guarded(lambda x: artifact_details(ws, x))(a)
+            return man, gr.update(choices=names, value=None), snippet
+
+        artifact.change(details, artifact, [manifest, files, how])
+        files.change(
+            guarded(lambda f: str(ws.safe_path(f)) if f else None),
+            files,
+            download,
+            api_name="download",
+        )
+    app.workspace = ws
+    return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="quantlab app", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", help="user:password required to open the app")
+    p.add_argument("--workdir", default="app-data", help="run configs, artifacts and results")
+    args = p.parse_args(argv)
+    app = build_app(args.workdir)
+    auth = tuple(args.auth.split(":", 1)) if args.auth else None
+    app.queue(default_concurrency_limit=1).launch(
+        server_name=args.host,
+        server_port=args.port,
+        auth=auth,
+        allowed_paths=[str(app.workspace.artifacts)],
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
