@@ -407,10 +407,9 @@ def cmd_run(args) -> None:
         output=args.output,
         progress_file=args.progress_file,
     )
+    keys = set(report.keys.values())
     with ResultStore(store_path) as store:
-        rows = [r for r in store.results(run_name=config.name)]
-    wanted = {v.name for v in config.variants}
-    rows = [r for r in rows if r.variant in wanted]
+        rows = [r for r in store.results() if r.key in keys]
     print(
         f"\n{config.name}: {len(report.done)} evaluated, {len(report.skipped)} already stored "
         f"({report.seconds:.0f} s); results in {store_path}"

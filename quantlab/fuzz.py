@@ -252,6 +252,16 @@ def fuzz(target: str, inputs: int, seed: int = 0, timeout: float = 2.0) -> FuzzR
     result = FuzzResult(target)
     start = time.perf_counter()
     previous = signal.signal(signal.SIGALRM, _alarm)
+    try:
+        _run(target, inputs, timeout, rng, result)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _run(target: str, inputs: int, timeout: float, rng: random.Random, result: FuzzResult):
     with tempfile.TemporaryDirectory(prefix="quantlab-fuzz-") as tmp:
         seed_input, parse = _targets(Path(tmp))[target]
         mutator = mutate_json if target in ("config", "quantization_config") else mutate
@@ -270,6 +280,3 @@ def fuzz(target: str, inputs: int, seed: int = 0, timeout: float = 2.0) -> FuzzR
                 result.findings.append((f"{type(exc).__name__}: {exc}"[:300], data))
             finally:
                 signal.setitimer(signal.ITIMER_REAL, 0)
-    signal.signal(signal.SIGALRM, previous)
-    result.seconds = time.perf_counter() - start
-    return result

@@ -35,7 +35,7 @@ def _gguf(path: Path, report: Verification, log: Callable[[str], None]) -> None:
     _ok(report, log, "parses", f"architecture {arch}")
     manifest_path = path.with_name(path.name + ".manifest.json")
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = _json(manifest_path)
         if manifest.get("files", {}).get(path.name) != content_sha256(path):
             raise CorruptFileError(f"{path} does not match the sha256 in {manifest_path.name}")
         _ok(report, log, "checksum", f"matches {manifest_path.name}")
@@ -67,7 +67,10 @@ def _folder(path: Path, report: Verification, log: Callable[[str], None]) -> Non
         raise QuantlabError(f"{path} is not a quantized checkpoint or .gguf file quantlab reads")
     report.kind = fmt
     _ok(report, log, "format", fmt)
-    manifest = json.loads((path / MANIFEST).read_text()) if is_native(path) else read_manifest(path)
+    try:
+        manifest = _json(path / MANIFEST) if is_native(path) else read_manifest(path)
+    except ValueError as exc:
+        raise CorruptFileError(f"{path}: its manifest is not valid JSON ({exc})") from None
     if manifest is None:
         _ok(report, log, "manifest", "none (not written by quantlab): checksums not checked")
     else:
@@ -75,6 +78,16 @@ def _folder(path: Path, report: Verification, log: Callable[[str], None]) -> Non
         _ok(report, log, "checksums", f"{len(manifest.get('files', {}))} files match the manifest")
     load(path, verify=False)  # shapes against the config, dtypes, every tensor read
     _ok(report, log, "loads", "tensors match the config; the model loads")
+
+
+def _json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CorruptFileError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path} is not a JSON object")
+    return data
 
 
 def _ok(report: Verification, log, check: str, outcome: str) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -138,44 +139,54 @@ def _status(state: dict | None, started: float) -> str:
     )
 
 
+def _read_state(progress: Path) -> dict | None:
+    try:
+        return json.loads(progress.read_text())
+    except (OSError, ValueError):  # not written yet (it is replaced atomically)
+        return None
+
+
 def start_run(ws: Workspace, data: dict):
-    """Start ``quantlab run`` for ``data`` in a child process; yields status lines until done.
-    Raises if a run is already active (one job at a time)."""
+    """Start ``quantlab run`` for ``data`` in a child process (its own process group, so Cancel
+    stops it and anything it started); yields status lines until it ends. One run at a time."""
+    name = data["name"]  # validated: letters, digits, ".", "_", "-"
     with ws.lock:
         if ws.proc is not None and ws.proc.poll() is None:
             raise QuantlabError("a run is already in progress; wait for it or cancel it")
-        cfg = ws.configs / f"{data['name']}.yaml"
-        cfg.write_text(yaml.safe_dump(data, sort_keys=False))
-        progress = ws.configs / f"{data['name']}.progress.json"
-        progress.unlink(missing_ok=True)
-        log = open(ws.configs / f"{data['name']}.log", "w")  # noqa: SIM115 (child writes it)
+        cfg, progress = ws.configs / f"{name}.yaml", ws.configs / f"{name}.progress.json"
+        log_path = ws.configs / f"{name}.log"
         cmd = [sys.executable, "-m", "quantlab", "run", str(cfg), "--progress-file", str(progress)]
-        ws.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+            progress.unlink(missing_ok=True)
+            with open(log_path, "w") as log:  # the child keeps its own descriptor
+                ws.proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
+        except OSError as exc:
+            raise QuantlabError(f"cannot start the run in {ws.configs}: {exc}") from None
         proc = ws.proc
     started = time.time()
     while proc.poll() is None:
-        state = json.loads(progress.read_text()) if progress.is_file() else None
-        yield _status(state, started)
+        yield _status(_read_state(progress), started)
         time.sleep(1.0)
-    log.close()
     if proc.returncode < 0:
-        yield f"run {data['name']}: cancelled; completed variants stay in the results"
+        yield f"run {name}: cancelled; completed variants stay in the results"
         return
     if proc.returncode != 0:
-        lines = (ws.configs / f"{data['name']}.log").read_text().strip().splitlines()
+        lines = log_path.read_text(errors="replace").strip().splitlines()
         error = next(
             (x for x in reversed(lines) if "error" in x.lower()), lines[-1] if lines else ""
         )
-        raise QuantlabError(f"run {data['name']} failed: {error.strip()}")
-    state = json.loads(progress.read_text()) if progress.is_file() else None
-    yield _status(state, started)
+        raise QuantlabError(f"run {name} failed: {error.strip()}")
+    yield _status(_read_state(progress), started)
 
 
 def cancel_run(ws: Workspace) -> str:
     with ws.lock:
         if ws.proc is None or ws.proc.poll() is not None:
             return "no run in progress"
-        ws.proc.kill()
+        os.killpg(ws.proc.pid, signal.SIGKILL)  # the run and anything it started
         ws.proc.wait()
     return "cancelled: the run was stopped; nothing partial is recorded"
 

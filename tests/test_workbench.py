@@ -77,6 +77,16 @@ def test_shipped_configs_load(name):
         (lambda c: c["evaluation"]["perplexity"][0].update(protocol="x"), "protocol must be"),
         (lambda c: c.pop("model"), "model: required"),
         (lambda c: c["variants"].append({"method": "gptq", "impl": "autogptq"}), "impl must be"),
+        (lambda c: c.update(name="../escape"), "run name '../escape': use letters"),
+        (lambda c: c["variants"].append({"method": "rtn", "name": ".."}), "variant name '..'"),
+        (
+            lambda c: c["variants"].append(
+                {"method": "rtn", "bits": 4, "group_size": 64, "sym": False, "name": "again"}
+            ),
+            "the same settings",
+        ),
+        (lambda c: c["evaluation"]["perplexity"][0].update(context="x"), "context: 'x' is not"),
+        (lambda c: c["evaluation"].update(kld="no"), "evaluation.kld: 'no' is not a valid bool"),
     ],
 )
 def test_bad_configs_fail_before_any_work_naming_the_key(tiny_models, tmp_path, change, message):
@@ -247,12 +257,73 @@ def test_demo_config_gguf_variants_on_the_default_model(default_model, data_root
 # -- the planner ---------------------------------------------------------------------------------
 
 
+def test_a_report_never_replaces_a_folder_that_is_not_a_report(tiny_models, tmp_path):
+    from quantlab.errors import QuantlabError
+    from quantlab.workbench.report import write_report
+
+    keep = tmp_path / "results"
+    keep.mkdir()
+    (keep / "quantlab.db").write_text("precious")
+    with pytest.raises(QuantlabError, match="is not a report folder"):
+        write_report([object()], keep, title="x")
+    assert (keep / "quantlab.db").read_text() == "precious"
+
+
+def test_a_leftover_gguf_is_removed_without_touching_its_neighbours(tmp_path):
+    from quantlab.workbench.pipeline import _remove
+
+    names = [
+        "gguf-Q6_K.gguf",
+        "gguf-Q6_K.gguf.manifest.json",
+        "gguf-Q6_K.imatrix.gguf",
+        "gguf-Q6_K-imatrix.gguf",
+        "gguf-Q6_K-imatrix.gguf.manifest.json",
+    ]
+    for name in names:
+        (tmp_path / name).write_text("x")
+    _remove(tmp_path / "gguf-Q6_K.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
+
+
+# measured with llama.cpp's llama-quantize on the default model (bench/gguf_convert.py), MB
+MEASURED_GGUF_MB = {
+    "Q8_0": 144.8,
+    "Q6_K": 138.4,
+    "Q5_K_M": 112.1,
+    "Q5_K_S": 110.0,
+    "Q4_K_M": 105.5,
+    "Q4_K_S": 102.0,
+    "Q4_0": 91.7,
+    "IQ4_NL": 92.1,
+    "IQ4_XS": 91.3,
+    "Q3_K_M": 93.5,
+    "Q2_K": 88.2,
+}
+
+
+@pytest.mark.parametrize("gguf_type", sorted(MEASURED_GGUF_MB))
+def test_planner_gguf_sizes_match_llama_cpp_files_of_the_default_model(gguf_type):
+    cfg = {
+        "hidden_size": 576,
+        "intermediate_size": 1536,
+        "num_attention_heads": 9,
+        "num_hidden_layers": 30,
+        "num_key_value_heads": 3,
+        "vocab_size": 49152,
+        "tie_word_embeddings": True,
+    }
+    size, _ = gguf_weight_bytes(Shapes.from_config(cfg), gguf_type)
+    measured = MEASURED_GGUF_MB[gguf_type] * 1e6
+    assert abs(size - measured) <= 0.025 * measured
+
+
 def test_sizes_are_read_in_binary_and_decimal_units():
     assert parse_size("24GiB") == 24 * GIB
     assert parse_size("16 GB") == 16 * 10**9
     assert parse_size("8g") == 8 * GIB
-    with pytest.raises(ConfigError, match="cannot read the memory size"):
-        parse_size("lots")
+    for bad in ("lots", "1.2.3GiB"):
+        with pytest.raises(ConfigError, match="cannot read the memory size"):
+            parse_size(bad)
 
 
 def test_planner_reproduces_llama_cpp_type_mix_on_smollm2():

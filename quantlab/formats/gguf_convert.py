@@ -155,36 +155,20 @@ def check_converted(gguf_path: Path, model_dir: Path, architecture: str) -> dict
     try:
         import llama_cpp
     except ImportError:
-        llama_cpp = None
-    if llama_cpp is not None:
-        try:
-            llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
-        except (ValueError, RuntimeError) as exc:
-            raise QuantlabError(f"llama.cpp cannot load the converted file: {exc}") from None
-        meta = dict(llm.metadata)
-    else:
         from quantlab.formats.gguf_file import open_gguf
 
         reader = open_gguf(gguf_path)
         meta = {k: str(f.contents()) for k, f in reader.fields.items() if "tokens" not in k}
         del reader
-    arch = meta.get("general.architecture")
-    want = GGUF_ARCH.get(architecture)
-    if want and arch != want:
-        raise QuantlabError(
-            f"{gguf_path}: converter wrote architecture {arch!r}, expected {want!r}"
-        )
-    if "tokenizer.ggml.model" not in meta:
-        raise QuantlabError(f"{gguf_path}: the converter wrote no tokenizer")
-    checks = {
-        "gguf_architecture": arch,
-        "tokenizer_model": meta["tokenizer.ggml.model"],
-        "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
-    }
-    if llama_cpp is None:
+        checks = _check_metadata(gguf_path, meta, architecture)
         checks["tokenizer_parity"] = "not checked (llama-cpp-python is not installed)"
         return checks
     try:
+        llm = llama_cpp.Llama(str(gguf_path), vocab_only=True, verbose=False)
+    except (ValueError, RuntimeError) as exc:
+        raise QuantlabError(f"llama.cpp cannot load the converted file: {exc}") from None
+    try:
+        checks = _check_metadata(gguf_path, dict(llm.metadata), architecture)
         mismatch = _tokenizer_mismatch(llm, model_dir)
     finally:
         llm.close()
@@ -194,6 +178,22 @@ def check_converted(gguf_path: Path, model_dir: Path, architecture: str) -> dict
         )
     checks["tokenizer_parity"] = f"{len(PROBE_TEXTS)} probe texts, identical ids"
     return checks
+
+
+def _check_metadata(gguf_path: Path, meta: dict, architecture: str) -> dict:
+    arch = meta.get("general.architecture")
+    want = GGUF_ARCH.get(architecture)
+    if want and arch != want:
+        raise QuantlabError(
+            f"{gguf_path}: converter wrote architecture {arch!r}, expected {want!r}"
+        )
+    if "tokenizer.ggml.model" not in meta:
+        raise QuantlabError(f"{gguf_path}: the converter wrote no tokenizer")
+    return {
+        "gguf_architecture": arch,
+        "tokenizer_model": meta["tokenizer.ggml.model"],
+        "tokenizer_pre": meta.get("tokenizer.ggml.pre"),
+    }
 
 
 def _converter_error(output: str, model_dir: Path) -> QuantlabError:

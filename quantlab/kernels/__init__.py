@@ -38,6 +38,7 @@ class KernelSpec:
     layouts: tuple[str, ...] = ()  # "gptq", "awq", or GGUF block types
     devices: tuple[str, ...] = ("cuda",)
     max_batch: int | None = None  # matmul only: most rows of x it serves
+    dtypes: tuple[str, ...] = ()  # activation dtypes it takes (empty: any)
 
     @property
     def name(self) -> str:
@@ -54,12 +55,18 @@ class KernelSpec:
                 return (
                     f"{self.name} runs on the CPU only in Triton's interpreter (TRITON_INTERPRET=1)"
                 )
-        if self.backend == "cuda" and shutil.which("nvcc") is None and not _cuda_home():
-            return f"{self.name} is compiled at first use and needs nvcc (CUDA toolkit)"
+        if self.backend == "cuda":
+            if shutil.which("nvcc") is None and not _cuda_home():
+                return f"{self.name} is compiled at first use and needs nvcc (CUDA toolkit)"
+            from quantlab.kernels.cuda_ext import build_error
+
+            return build_error()  # builds once; a failed build makes the kernel unavailable
         return None
 
-    def refusal(self, *, bits=None, layout=None, batch=None) -> str | None:
+    def refusal(self, *, bits=None, layout=None, batch=None, dtype=None) -> str | None:
         """Why this kernel does not support the request, or ``None`` if it does."""
+        if dtype is not None and self.dtypes and str(dtype).split(".")[-1] not in self.dtypes:
+            return f"{self.name} takes {', '.join(self.dtypes)} activations, not {dtype}"
         if bits is not None and self.bits and bits not in self.bits:
             return f"{self.name} supports {self.bits} bits, not {bits}"
         if layout is not None and self.layouts and layout not in self.layouts:

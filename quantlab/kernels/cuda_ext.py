@@ -44,17 +44,28 @@ def extension():
     )
 
 
+@functools.cache
+def build_error() -> str | None:
+    """``None`` when the extension builds (or is cached); else why it does not."""
+    try:
+        extension()
+    except Exception as exc:  # noqa: BLE001 - compiler, ninja, headers: any failure disables it
+        return f"the CUDA kernel could not be built: {str(exc).strip().splitlines()[-1][:200]}"
+    return None
+
+
 def matmul_gptq(x, qweight, qzeros, scales, g_idx, bits: int, splits: int | None = None):
     """``x @ W`` for one row of ``x`` (shape ``(1, K)``, float16), ``W`` int4 in the GPTQ layout."""
-    if bits != 4 or x.shape[0] != 1:
-        raise ValueError("the CUDA GEMV serves int4 weights and one row of x")
+    if bits != 4 or x.shape[0] != 1 or x.dtype != torch.float16:
+        raise ValueError("the CUDA GEMV serves int4 weights and one float16 row of x")
     K = x.shape[1]
     if splits is None:  # about 4 waves of blocks over the GPU's SMs
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         blocks_n = -(-qweight.shape[1] // 256)
         splits = max(1, min(K // 256, -(-4 * sms // blocks_n)))
-    stream = torch.cuda.current_stream(x.device).cuda_stream
-    y = extension().gptq_gemv_int4(
-        x.reshape(-1).half(), qweight, qzeros, scales.half(), g_idx, splits, stream
-    )
-    return y.view(1, -1).to(x.dtype)
+    with torch.cuda.device(x.device):  # the kernel launches on the current device's stream
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        y = extension().gptq_gemv_int4(
+            x.reshape(-1), qweight, qzeros, scales.half(), g_idx, splits, stream
+        )
+    return y.view(1, -1)

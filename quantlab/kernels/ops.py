@@ -61,7 +61,7 @@ def matmul_gptq(
     bits: int,
     backend: str,
 ) -> torch.Tensor:
-    request = {"bits": bits, "batch": x.shape[0]}
+    request = {"bits": bits, "batch": x.shape[0], "dtype": x.dtype}
     spec = select("matmul_gptq", device=x.device.type, backend=backend, **request)
     return spec.load()(x, qweight, qzeros, scales, g_idx, bits)
 
@@ -88,16 +88,25 @@ def _(raw, gguf_type, dtype, backend):
 
 
 def gptq_linear(x, qweight, qzeros, scales, g_idx, bits: int, backend: str = "auto", fused=True):
-    """``x @ W`` for ``x`` of shape ``(..., K)``: a fused kernel when one serves ``x``'s rows on
-    this device (and ``fused``), else dequantization by the chosen backend + a dense matmul."""
+    """``x @ W`` for ``x`` of shape ``(..., K)``: a fused kernel (CUDA or Triton) when one serves
+    ``x``'s rows and dtype on this device (and ``fused``), else the best dequantization kernel + a
+    dense matmul. A forced backend that has no dequantization kernel (cuda) dequantizes with the
+    best available one."""
     rows = x.reshape(-1, x.shape[-1])
+    device = x.device.type
+    request = {"bits": bits, "batch": len(rows), "dtype": x.dtype}
     if fused:
         try:
-            select("matmul_gptq", device=x.device.type, backend=backend, bits=bits, batch=len(rows))
-        except ConfigError:  # no fused kernel for this batch/backend: dequantize instead
+            spec = select("matmul_gptq", device=device, backend=backend, **request)
+            fused = spec.backend != "torch"  # torch's "fused" op is dequantize + matmul anyway
+        except ConfigError:
             fused = False
     if fused:
         y = matmul_gptq(rows, qweight, qzeros, scales, g_idx, bits, backend)
     else:
+        try:
+            select("dequant_gptq", device=device, backend=backend, bits=bits)
+        except ConfigError:
+            backend = "auto"
         y = rows @ dequant_gptq(qweight, qzeros, scales, g_idx, bits, x.dtype, backend)
     return y.view(*x.shape[:-1], -1)

@@ -87,16 +87,20 @@ def _matmul_gptq(
     for k0 in range(tl.program_id(2) * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mk = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mm[:, None] & mk[None, :])
+        x = tl.load(
+            x_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mm[:, None] & mk[None, :], other=0.0
+        )
         mask = mk[:, None] & mn[None, :]
-        words = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=mask)
+        words = tl.load(qw_ptr + (offs_k // PER)[:, None] * N + offs_n[None, :], mask=mask, other=0)
         q = (words >> ((offs_k % PER) * BITS)[:, None]) & MASK
         g = tl.load(g_ptr + offs_k, mask=mk, other=0)
-        zw = tl.load(qz_ptr + g[:, None] * (N // PER) + (offs_n // PER)[None, :], mask=mask)
+        zw = tl.load(
+            qz_ptr + g[:, None] * (N // PER) + (offs_n // PER)[None, :], mask=mask, other=0
+        )
         z = (zw >> ((offs_n % PER) * BITS)[None, :]) & MASK
         s = tl.load(sc_ptr + g[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
         w = s.to(tl.float32) * (q.to(tl.float32) - z.to(tl.float32))
-        acc += tl.dot(x, w.to(x.dtype))
+        acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")  # fp32 x: no TF32 rounding
     y = y_ptr + offs_m[:, None] * N + offs_n[None, :]
     if SPLIT_K == 1:
         tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & mn[None, :])
@@ -217,6 +221,8 @@ def matmul_gptq(x, qweight, qzeros, scales, g_idx, bits: int, split_k: int | Non
 
 def dequant_gguf(raw: torch.Tensor, gguf_type: str, dtype=torch.float16, out=None):
     values, size = GGUF_BLOCKS[gguf_type]
+    if raw.numel() % size:
+        raise ValueError(f"{raw.numel()} bytes is not a whole number of {gguf_type} blocks")
     n_blocks = raw.numel() // size
     out = _output(out, (n_blocks * values,), dtype, raw.device)
     blocks = 8 if values == 256 else 32

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +38,15 @@ METHODS = ("rtn", "gptq", "awq")
 IMPLS = ("quantlab", "gptqmodel", "llmcompressor")
 FORMATS = ("native", "gptq", "awq", "gguf")
 PROTOCOLS = ("gptq", "llamacpp")
+# run and variant names become file and folder names: no separators, no leading dot
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+def _check_name(what: str, name: str) -> None:
+    if not NAME.fullmatch(name):
+        raise ConfigError(
+            f"{what} {name!r}: use letters, digits, '.', '_' and '-' (not first), at most 100"
+        )
 
 
 @dataclass(frozen=True)
@@ -116,8 +126,11 @@ class Variant:
             raise ConfigError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
         if self.act_order and self.method != "gptq":
             raise ConfigError("act_order applies to method gptq only")
+        if self.method and self.group_size != -1 and self.group_size < 1:
+            raise ConfigError(f"group_size must be -1 (per channel) or >= 1, got {self.group_size}")
         if not self.name:
             object.__setattr__(self, "name", self.default_name())
+        _check_name("variant name", self.name)
 
     @property
     def is_reference(self) -> bool:
@@ -142,6 +155,11 @@ class Variant:
             parts.insert(0, self.impl)
         return "-".join(parts) + ("" if self.format == "native" else f"-{self.format}")
 
+    def settings_key(self) -> str:
+        """The variant's settings without its name (what its result depends on)."""
+        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+        return json.dumps(fields, sort_keys=True)
+
     def method_options(self) -> dict:
         """The keyword arguments of the method's config class."""
         options = {"bits": self.bits, "group_size": self.group_size}
@@ -163,6 +181,10 @@ class PerplexitySpec:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}")
+        if self.context is not None and self.context < 4:
+            raise ConfigError(f"context must be >= 4, got {self.context}")
+        if self.max_tokens is not None and self.max_tokens < 8:
+            raise ConfigError(f"max_tokens must be >= 8, got {self.max_tokens}")
 
 
 @dataclass(frozen=True)
@@ -193,12 +215,18 @@ class RunConfig:
     version: int = 1
 
     def __post_init__(self) -> None:
+        _check_name("run name", self.name)
         if not self.variants:
             raise ConfigError("variants: give at least one")
         names = [v.name for v in self.variants]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"variants: names must be unique, repeated: {', '.join(dupes)}")
+        settings = {}
+        for v in self.variants:
+            same = settings.setdefault(v.settings_key(), v.name)
+            if same != v.name:
+                raise ConfigError(f"variants {same} and {v.name} have the same settings")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -266,6 +294,8 @@ def parse_run_config(data) -> RunConfig:
         ppl = evaluation["perplexity"]
         if not isinstance(ppl, list):
             raise ConfigError("evaluation.perplexity: expected a list of mappings")
+        for i, p in enumerate(ppl):
+            _types(PerplexitySpec, p if isinstance(p, dict) else {}, f"evaluation.perplexity[{i}]")
         evaluation["perplexity"] = tuple(
             _build(PerplexitySpec, p, f"evaluation.perplexity[{i}]") for i, p in enumerate(ppl)
         )
@@ -273,7 +303,9 @@ def parse_run_config(data) -> RunConfig:
         if not isinstance(evaluation["tasks"], list):
             raise ConfigError("evaluation.tasks: expected a list of task names")
         evaluation["tasks"] = tuple(evaluation["tasks"])
+    _types(EvaluationSpec, evaluation, "evaluation")
     data["evaluation"] = _build(EvaluationSpec, evaluation, "evaluation")
+    _types(RunConfig, {k: v for k, v in data.items() if k in ("output", "store")}, "run config")
     for key in ("name", "model"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise ConfigError(f"{key}: required (a string)")

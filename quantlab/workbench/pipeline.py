@@ -37,6 +37,7 @@ class SweepReport:
     run_id: int
     done: list[str]  # variants evaluated in this run
     skipped: list[str]  # variants already in the store
+    keys: dict[str, str]  # variant name -> result key (select the rows with these)
     notes: list[str]
     seconds: float
 
@@ -59,7 +60,7 @@ def _versions() -> dict:
     return out
 
 
-def result_key(variant: Variant, config: RunConfig, model_sha256: str) -> str:
+def result_key(variant: Variant, config: RunConfig, model_sha256: str, data_root=None) -> str:
     """What determines a variant's result: its settings, the calibration it uses, the
     evaluation, the model's content and the code versions."""
     from quantlab.eval.harness import METRICS_VERSION
@@ -71,6 +72,8 @@ def result_key(variant: Variant, config: RunConfig, model_sha256: str) -> str:
         else None,
         "evaluation": dataclasses.asdict(config.evaluation),
         "model": model_sha256,
+        # results made from the fallback corpus must not stand in for the real one
+        "data_root": str(settings.data_root(data_root) or "") or None,
         "quantlab": __version__,
         "metrics": METRICS_VERSION,
     }
@@ -125,12 +128,16 @@ class _Shared:
 
 
 def _remove(path: Path) -> None:
-    """Remove a leftover artifact (folder, or .gguf file with its side files)."""
+    """Remove a leftover artifact: a folder, or a .gguf file with its manifest and imatrix."""
     if path.is_dir():
         shutil.rmtree(path)
-    elif path.suffix == ".gguf":
-        for side in path.parent.glob(path.stem + "*"):
-            side.unlink()
+        return
+    for f in (
+        path,
+        path.with_name(path.name + ".manifest.json"),
+        path.with_name(path.stem + ".imatrix.gguf"),
+    ):
+        f.unlink(missing_ok=True)
 
 
 def produce(variant: Variant, shared: _Shared, out: Path) -> tuple[str, str]:
@@ -204,10 +211,12 @@ def preflight(config: RunConfig, model_ref) -> None:
     """Refuse, before any work, variants whose format cannot hold this model's shapes."""
     arch = model_ref.folder.arch
     linears = [
-        t for t in model_ref.folder.tensors
-        if t.name.startswith(arch.blocks + ".") and len(t.shape) == 2
+        t
+        for t in model_ref.folder.tensors
+        if t.name.startswith(arch.blocks + ".")
+        and len(t.shape) == 2
         and any(t.name.endswith(f".{name}.weight") for name in arch.linears)
-    ]  # fmt: skip
+    ]
     for v in config.variants:
         whole_groups = v.format == "awq" or (v.format == "gguf" and v.method)
         if not whole_groups or v.group_size <= 0:
@@ -294,7 +303,7 @@ def run_sweep(
     with ResultStore(store_path or config.store) as store:
         config_json = json.dumps(config.to_dict())
         run_id = store.start_run(config.name, config.model, config_json, config.sha256())
-        keys = {v.name: result_key(v, config, model_sha) for v in config.variants}
+        keys = {v.name: result_key(v, config, model_sha, data_root) for v in config.variants}
         todo = [v for v in config.variants if not store.has(keys[v.name])]
         skipped = [v.name for v in config.variants if v not in todo]
         if skipped:
@@ -308,9 +317,16 @@ def run_sweep(
                 return
             elapsed = time.perf_counter() - sweep_start
             per = elapsed / (i - 1) if i > 1 else None
-            state = {"run": config.name, "variant": name, "index": i, "total": len(todo),
-                     "stage": what, "elapsed_s": elapsed, "skipped": skipped,
-                     "eta_s": None if per is None else per * (len(todo) - i + 1)}  # fmt: skip
+            state = {
+                "run": config.name,
+                "variant": name,
+                "index": i,
+                "total": len(todo),
+                "stage": what,
+                "elapsed_s": elapsed,
+                "skipped": skipped,
+                "eta_s": None if per is None else per * (len(todo) - i + 1),
+            }
             tmp = Path(f"{progress_file}.tmp")
             tmp.write_text(json.dumps(state))
             tmp.replace(progress_file)
@@ -321,8 +337,7 @@ def run_sweep(
             t0 = time.perf_counter()
             suffix = ".gguf" if variant.format == "gguf" else ""
             out = out_root / f"{variant.name}{suffix}"
-            if out.exists():  # written by a run killed before its row was recorded
-                _remove(out)
+            _remove(out)  # left by a run killed before its row was recorded
             out.parent.mkdir(parents=True, exist_ok=True)
             target, fmt = produce(variant, shared, out)
             timings["quantize_s"] = time.perf_counter() - t0
@@ -360,4 +375,4 @@ def run_sweep(
         stage(len(todo) + 1, "", "done")
     if not done and not skipped:
         raise QuantlabError("nothing to run")
-    return SweepReport(run_id, done, skipped, notes, time.perf_counter() - start)
+    return SweepReport(run_id, done, skipped, keys, notes, time.perf_counter() - start)

@@ -139,8 +139,11 @@ def _more_bits(layer: int, n: int) -> bool:  # llama.cpp's use_more_bits
     return layer < n // 8 or layer >= 7 * n // 8 or (layer - n // 8) % 3 == 2
 
 
-def gguf_tensor_type(ftype: str, kind: str, layer: int, n_layers: int, in_features: int) -> str:
-    """The ggml type llama.cpp gives one tensor for ``ftype`` (the rules this planner models)."""
+def gguf_tensor_type(
+    ftype: str, kind: str, layer: int, n_layers: int, in_features: int, gqa: int = 1
+) -> str:
+    """The ggml type llama.cpp gives one tensor for ``ftype`` (the rules this planner models;
+    ``gqa`` = attention heads per KV head)."""
     base = _BASE[ftype]
     t = base
     if kind == "output":
@@ -153,7 +156,9 @@ def gguf_tensor_type(ftype: str, kind: str, layer: int, n_layers: int, in_featur
         elif ftype == "Q3_K_M":
             t = "Q5_K" if layer < 2 else "Q4_K"
         elif ftype == "Q2_K":
-            t = "Q3_K"
+            t = "Q4_K" if gqa >= 4 else "Q3_K"
+        elif ftype in ("IQ4_XS", "IQ4_NL") and gqa >= 4:
+            t = "Q5_K"
     elif kind == "ffn_down":
         if ftype in ("Q4_K_M", "Q5_K_M") and _more_bits(layer, n_layers):
             t = "Q6_K"
@@ -192,7 +197,8 @@ def gguf_weight_bytes(shapes: Shapes, ftype: str) -> tuple[int, dict[str, int]]:
         add(gguf_tensor_type(ftype, "output", 0, shapes.layers, shapes.hidden), embed)
     for layer in range(shapes.layers):
         for kind, out, inp in shapes.linears():
-            add(gguf_tensor_type(ftype, kind, layer, shapes.layers, inp), out * inp)
+            gqa = shapes.heads // shapes.kv_heads
+            add(gguf_tensor_type(ftype, kind, layer, shapes.layers, inp, gqa), out * inp)
         total += 2 * shapes.hidden * 4
     total += shapes.hidden * 4 + shapes.vocab * GGUF_VOCAB_BYTES
     return int(total), mix
@@ -267,7 +273,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*([0-9.]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
     if not m:
         raise ConfigError(f"cannot read the memory size {text!r} (e.g. 24GiB, 16GB)")
-    value = float(m.group(1))
+    try:
+        value = float(m.group(1))
+    except ValueError:
+        raise ConfigError(f"cannot read the memory size {text!r} (e.g. 24GiB, 16GB)") from None
     power = " kmgt".index(m.group(2) or " ")
     base = 1000 if m.group(3) == "b" else 1024
     return int(value * base**power)
@@ -290,11 +299,14 @@ def read_config(model: str, cache=None) -> tuple[dict, str, str | None]:
 
 def _json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise QuantlabError(f"{path} does not exist") from None
-    except json.JSONDecodeError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} is not a JSON object (a model config)")
+    return data
 
 
 def plan(config: dict, context: int, batch: int, measured_rows=()) -> list[PlanRow]:
@@ -303,7 +315,9 @@ def plan(config: dict, context: int, batch: int, measured_rows=()) -> list[PlanR
     kv, compute = shapes.kv_bytes(context, batch), shapes.compute_bytes(context, batch)
     rows = []
     for r in measured_rows:
-        size = r.metrics.size.bytes_on_disk if r.metrics.size else 0
+        if r.format == "native" or not r.metrics.size:
+            continue  # native artifacts hold only the quantized linears: no whole-model size
+        size = r.metrics.size.bytes_on_disk
         runtime = r.metrics.runtime
         rows.append(PlanRow(r.variant, runtime, size, kv, compute, RUNTIME_BYTES, measured=r))
     return rows + candidates(shapes, context, batch)

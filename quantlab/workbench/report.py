@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from quantlab.atomic import atomic_directory
+from quantlab.errors import QuantlabError
 
 MIB = 2**20
 
@@ -122,6 +123,8 @@ def results_table(rows) -> tuple[list[str], list[list[str]]]:
 
 def format_table(header, body) -> str:
     """A plain-text table for the terminal."""
+    if not body:
+        return "(no results)"
     widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
     lines = [
         "  ".join(
@@ -247,8 +250,10 @@ def _plots(values: list[dict], labels: dict, folder: Path, title: str) -> list[t
 def write_report(rows, folder: str | Path, *, title: str, notes: list[str] = ()) -> Path:
     """Write the report of ``rows`` (results-store rows) into ``folder``; returns report.md."""
     folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not (folder / "report.md").is_file():
+        raise QuantlabError(f"{folder} exists and is not a report folder; choose another --out")
     if not rows:
-        raise ValueError("no results to report")
+        raise QuantlabError("no results to report")
     values = [_row_values(r) for r in rows]
     labels = _labels(rows)
     header, body = results_table(rows)
@@ -261,9 +266,10 @@ def write_report(rows, folder: str | Path, *, title: str, notes: list[str] = ())
         )
     first = rows[0].metrics
     hw = first.hardware
-    if folder.exists():
-        shutil.rmtree(folder)
-    with atomic_directory(folder) as tmp:
+    new = folder.with_name(f"{folder.name}.new")
+    if new.exists():
+        shutil.rmtree(new)
+    with atomic_directory(new) as tmp:
         plots = _plots(values, labels, tmp, title)
         md = [
             f"# {title}",
@@ -295,6 +301,12 @@ def write_report(rows, folder: str | Path, *, title: str, notes: list[str] = ())
             md += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
         (tmp / "report.md").write_text("\n".join(md))
         (tmp / "report.html").write_text(_html(title, labels, header, body, plots, notes))
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():  # swap: the previous report stays whole until the new one is in place
+        shutil.rmtree(old, ignore_errors=True)
+        folder.rename(old)
+    new.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
     return folder / "report.md"
 
 

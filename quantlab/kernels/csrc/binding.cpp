@@ -11,7 +11,10 @@ extern "C" int quantlab_gptq_gemv_int4(const void* x, const int32_t* qweight, co
 torch::Tensor gptq_gemv_int4(torch::Tensor x, torch::Tensor qweight, torch::Tensor qzeros,
                              torch::Tensor scales, torch::Tensor g_idx, int64_t splits,
                              int64_t stream) {
-  TORCH_CHECK(x.is_cuda() && qweight.is_cuda(), "gptq_gemv_int4: tensors must be on a CUDA device");
+  for (const auto& t : {qweight, qzeros, scales, g_idx}) {
+    TORCH_CHECK(t.is_cuda() && t.device() == x.device(),
+                "gptq_gemv_int4: every tensor must be on x's CUDA device");
+  }
   TORCH_CHECK(x.scalar_type() == torch::kHalf && scales.scalar_type() == torch::kHalf,
               "gptq_gemv_int4: x and scales must be float16");
   TORCH_CHECK(qweight.scalar_type() == torch::kInt && qzeros.scalar_type() == torch::kInt &&
@@ -20,7 +23,8 @@ torch::Tensor gptq_gemv_int4(torch::Tensor x, torch::Tensor qweight, torch::Tens
   const int64_t K = qweight.size(0) * 8, N = qweight.size(1);
   TORCH_CHECK(x.numel() == K, "gptq_gemv_int4: x has ", x.numel(), " values, expected ", K);
   TORCH_CHECK(N % 8 == 0, "gptq_gemv_int4: N must be a multiple of 8");
-  TORCH_CHECK(g_idx.numel() == K && scales.size(1) == N && qzeros.size(1) * 8 == N,
+  TORCH_CHECK(g_idx.numel() == K && scales.size(1) == N && qzeros.size(1) * 8 == N &&
+                  scales.size(0) == qzeros.size(0),
               "gptq_gemv_int4: g_idx / scales / qzeros do not match qweight");
   auto y = torch::zeros({N}, x.options().dtype(torch::kFloat));
   auto xc = x.contiguous(), qw = qweight.contiguous(), qz = qzeros.contiguous();
