@@ -115,8 +115,7 @@ def cmd_corpora(args) -> None:
 
 def _calibration(args, model_ref):
     """The corpus and calibration set that the calibration options of ``args`` describe."""
-    from quantlab.data import CalibrationConfig, build_calibration, load_corpus
-    from quantlab.models import load_tokenizer
+    from quantlab.data import CalibrationConfig, calibration_for
 
     config = CalibrationConfig(
         corpus=args.calib,
@@ -125,10 +124,9 @@ def _calibration(args, model_ref):
         seq_len=args.seq_len,
         seed=args.seed,
     )
-    corpus = load_corpus(
-        config.corpus, config.split, data_root=args.data_root, fallback=args.allow_fallback
+    return calibration_for(
+        model_ref, config, data_root=args.data_root, fallback=args.allow_fallback
     )
-    return corpus, build_calibration(load_tokenizer(model_ref), corpus, config)
 
 
 def cmd_calibrate(args) -> None:

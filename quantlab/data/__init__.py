@@ -4,6 +4,7 @@ from quantlab.data.calibration import (
     CalibrationConfig,
     CalibrationSet,
     build_calibration,
+    calibration_for,
     hash_token_ids,
     tokenize_corpus,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "CalibrationSet",
     "Corpus",
     "build_calibration",
+    "calibration_for",
     "corpus_entry",
     "corpus_names",
     "hash_token_ids",

@@ -94,3 +94,14 @@ def build_calibration(tokenizer, corpus: Corpus, config: CalibrationConfig) -> C
         corpus_tokens=n,
         sha256=hash_token_ids(windows),
     )
+
+
+def calibration_for(model_ref, config: CalibrationConfig, *, data_root=None, fallback=False):
+    """``(corpus, calibration set)`` of ``config`` for the resolved model ``model_ref``: the
+    corpus loaded (local data root, Hub, or with ``fallback`` the embedded pydoc text) and
+    tokenized with the model's own tokenizer."""
+    from quantlab.data.corpora import load_corpus
+    from quantlab.models import load_tokenizer
+
+    corpus = load_corpus(config.corpus, config.split, data_root=data_root, fallback=fallback)
+    return corpus, build_calibration(load_tokenizer(model_ref), corpus, config)

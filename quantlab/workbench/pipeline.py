@@ -94,8 +94,7 @@ class _Shared:
 
     def calibration(self):
         if self._calibration is None:
-            from quantlab.data import CalibrationConfig, build_calibration, load_corpus
-            from quantlab.models import load_tokenizer
+            from quantlab.data import CalibrationConfig, calibration_for
 
             c = self.config.calibration
             cfg = CalibrationConfig(
@@ -105,12 +104,8 @@ class _Shared:
                 seq_len=c.seq_len,
                 seed=c.seed,
             )
-            corpus = load_corpus(
-                cfg.corpus, cfg.split, data_root=self.data_root, fallback=c.allow_fallback
-            )
-            self._calibration = (
-                corpus,
-                build_calibration(load_tokenizer(self.model_ref), corpus, cfg),
+            self._calibration = calibration_for(
+                self.model_ref, cfg, data_root=self.data_root, fallback=c.allow_fallback
             )
         return self._calibration
 
