@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import resource
 import signal
@@ -17,15 +18,24 @@ import yaml
 
 from quantlab.cli import main
 from quantlab.errors import CorruptFileError
-from quantlab.fuzz import TARGETS, fuzz
+from quantlab.fuzz import TARGETS
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_fuzzed_inputs_only_ever_give_clean_errors(target):
-    """A short seeded pass of bench/fuzz.py (which runs 100k inputs)."""
-    result = fuzz(target, 400, seed=12345)
-    assert result.accepted + result.refused == result.inputs
-    assert not result.findings, result.findings[0][0]
+    """A short seeded pass of bench/fuzz.py (which runs 100k inputs), like it in a fresh process
+    with an 8 GiB address-space limit (an unbounded allocation is a finding, not an OOM kill)."""
+    code = (
+        "import json, resource; resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30)); "
+        "from quantlab.fuzz import fuzz; "
+        f"r = fuzz({target!r}, 400, seed=12345); "
+        "print(json.dumps([r.inputs, r.accepted, r.refused, [f for f, _ in r.findings]]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    inputs, accepted, refused, findings = json.loads(done.stdout.strip().splitlines()[-1])
+    assert accepted + refused == inputs == 400
+    assert not findings, findings[0]
 
 
 @pytest.mark.parametrize(
