@@ -325,6 +325,10 @@ def _check_output_options(args) -> None:
                 raise QuantlabError("--format gguf needs --gguf-type (e.g. Q4_K_M) or --method")
             if args.gguf_type.upper() not in GGUF_TYPES:
                 raise QuantlabError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}")
+    if args.streaming and args.format not in ("gptq", "awq"):
+        raise QuantlabError(
+            "--streaming writes --format gptq or awq checkpoints (block by block from the shards)"
+        )
     if args.format == "awq" and (args.bits != 4 or args.act_order):
         raise QuantlabError("--format awq (GEMM) holds 4-bit weights without act-order")
 
@@ -363,6 +367,21 @@ def cmd_quantize(args) -> None:
             f"sha256 {calibration.sha256[:16]}",
             file=sys.stderr,
         )
+    fmt = "gptq_v2" if args.format == "gptq" and args.gptq_format == "v2" else args.format
+    if args.streaming:
+        from quantlab.methods.streaming import quantize_streaming
+
+        done = quantize_streaming(
+            model_ref, args.method, config, calibration, fmt, args.out, calib_dtype=args.calib_dtype
+        )
+        print(
+            f"{args.method} {config}: {done.linears} linears in {done.blocks} blocks, streamed "
+            f"from the shards in {done.seconds:.1f} s"
+        )
+        for note in read_manifest(done.out_dir)["notes"]:
+            print(f"note: {note}")
+        print(f"wrote {done.out_dir}")
+        return None
     model = load_model(model_ref)
     result = quantize_model(
         model, model_ref.folder.arch, args.method, config, calibration, calib_dtype=args.calib_dtype
@@ -373,7 +392,6 @@ def cmd_quantize(args) -> None:
     if args.format == "native":
         out = write_native(result, model_ref, args.out)
     else:
-        fmt = "gptq_v2" if args.format == "gptq" and args.gptq_format == "v2" else args.format
         out = write_checkpoint(fmt, result, model, model_ref, args.out)
         for note in read_manifest(out)["notes"]:
             print(f"note: {note}")
@@ -690,6 +708,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["v1", "v2"],
         help="GPTQ checkpoint_format: v1 (every loader; cannot store a zero point of 0) or v2 "
         "(GPTQModel)",
+    )
+    p.add_argument(
+        "--streaming",
+        action="store_true",
+        help="never load the whole model: read, quantize and write one block at a time from the "
+        "safetensors shards (for models larger than memory; --format gptq or awq)",
     )
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.set_defaults(func=cmd_quantize)

@@ -173,6 +173,102 @@ def _save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes
     return [*names, "model.safetensors.index.json"]
 
 
+@dataclass(frozen=True)
+class WeightSummary:
+    """What the folder-level files (config, notes, manifest) need to know of one quantized linear;
+    the streaming writer keeps these instead of the tensors."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    sym: bool
+    act_order: bool
+
+    @classmethod
+    def of(cls, qw) -> WeightSummary:
+        return cls(tuple(qw.shape), qw.bits, qw.group_size, qw.sym, qw.act_order)
+
+
+def checkpoint_spec(fmt: str) -> CheckpointFormat:
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
+    return FORMATS[fmt]
+
+
+def check_uniform(fmt: str, summaries: dict[str, WeightSummary]) -> None:
+    """One bits/group_size/sym for every linear (what ``quantization_config`` can describe)."""
+    if not summaries:
+        raise FormatError("nothing was quantized: no linear to write")
+    if len({(q.bits, q.group_size, q.sym) for q in summaries.values()}) != 1:
+        raise FormatError(f"{fmt} checkpoints need one bits/group_size/sym for every linear")
+
+
+def pack_linears(spec: CheckpointFormat, weights: dict) -> dict[str, torch.Tensor]:
+    """Every linear of ``weights`` packed into the format's tensors (refusals raise here)."""
+    packed: dict[str, torch.Tensor] = {}
+    for name, qw in weights.items():
+        for part, tensor in spec.pack(name, qw).items():
+            packed[f"{name}.{part}"] = tensor
+    return packed
+
+
+def source_config(source) -> tuple[dict, torch.dtype | None]:
+    """The source's config.json and the dtype its weights are stored in (None if it says none)."""
+    config = json.loads((Path(source.path) / "config.json").read_text())
+    source_dtype = config.get("dtype") or config.get("torch_dtype")
+    return config, (getattr(torch, source_dtype) if source_dtype in _DTYPES else None)
+
+
+def finish_folder(
+    tmp: Path,
+    fmt: str,
+    result,
+    summaries: dict[str, WeightSummary],
+    config: dict,
+    source,
+    files: list[str],
+) -> None:
+    """Write everything but the weights into ``tmp``: config.json with ``quantization_config``,
+    quantize_config.json (GPTQ), the source's tokenizer and other small files, the importance
+    matrix, and the manifest last (with every file's sha256, ``files`` included)."""
+    from safetensors.torch import save_file
+
+    spec = FORMATS[fmt]
+    config = dict(config)
+    config["quantization_config"] = spec.quantization_config(result, summaries)
+    for item in sorted(Path(source.path).iterdir()):
+        skip = item.name in SKIP_FILES or item.name == MANIFEST
+        if item.is_file() and not skip and item.suffix not in WEIGHT_SUFFIXES:
+            shutil.copy2(item, tmp / item.name)
+            files.append(item.name)
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    files.append("config.json")
+    if fmt.startswith("gptq"):
+        (tmp / "quantize_config.json").write_text(
+            json.dumps(config["quantization_config"], indent=2) + "\n"
+        )
+        files.append("quantize_config.json")
+    if result.imatrix:
+        imatrix = {k: v.contiguous() for k, v in result.imatrix.items()}
+        save_file(imatrix, tmp / "imatrix.safetensors")
+        files.append("imatrix.safetensors")
+    manifest = {
+        "format": fmt,
+        "quantlab_version": __version__,
+        "method": result.method,
+        "config": dataclasses.asdict(result.config),
+        "quantization_config": config["quantization_config"],
+        "linears": {n: list(q.shape) for n, q in summaries.items()},
+        "calibration": result.calibration,
+        "imatrix_tokens": result.imatrix_tokens,
+        "source": source_record(source),
+        "quantize_seconds": round(result.seconds, 3),
+        "notes": spec.notes(summaries),
+        "files": {f: content_sha256(tmp / f) for f in sorted(files)},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def write_checkpoint(
     fmt: str,
     result,
@@ -183,61 +279,18 @@ def write_checkpoint(
     max_shard_bytes: int = 2 * 1024**3,
 ) -> Path:
     """Write ``result`` (of ``model``, quantized from ``source``) as a ``fmt`` checkpoint."""
-    from safetensors.torch import save_file
-
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
-    spec = FORMATS[fmt]
+    spec = checkpoint_spec(fmt)
     weights = result.weights
-    if not weights:
-        raise FormatError("nothing was quantized: no linear to write")
-    if len({(q.bits, q.group_size, q.sym) for q in weights.values()}) != 1:
-        raise FormatError(f"{fmt} checkpoints need one bits/group_size/sym for every linear")
-    packed: dict[str, torch.Tensor] = {}
-    for name, qw in weights.items():  # packs (and refuses) before anything touches the disk
-        for part, tensor in spec.pack(name, qw).items():
-            packed[f"{name}.{part}"] = tensor
-    config = json.loads((Path(source.path) / "config.json").read_text())
-    source_dtype = config.get("dtype") or config.get("torch_dtype")
-    dtype = getattr(torch, source_dtype) if source_dtype in _DTYPES else None
+    summaries = {name: WeightSummary.of(qw) for name, qw in weights.items()}
+    check_uniform(fmt, summaries)
+    packed = pack_linears(spec, weights)  # packs (and refuses) before anything touches the disk
+    config, dtype = source_config(source)
     tensors = _state_tensors(model, set(weights), dtype, set(result.modified))
     tensors.update(packed)
-    config["quantization_config"] = spec.quantization_config(result, weights)
-    notes = spec.notes(weights)
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
         files = _save_shards(tensors, tmp, max_shard_bytes)
-        for item in sorted(Path(source.path).iterdir()):
-            skip = item.name in SKIP_FILES or item.name == MANIFEST
-            if item.is_file() and not skip and item.suffix not in WEIGHT_SUFFIXES:
-                shutil.copy2(item, tmp / item.name)
-                files.append(item.name)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        files.append("config.json")
-        if fmt.startswith("gptq"):
-            (tmp / "quantize_config.json").write_text(
-                json.dumps(config["quantization_config"], indent=2) + "\n"
-            )
-            files.append("quantize_config.json")
-        if result.imatrix:
-            imatrix = {k: v.contiguous() for k, v in result.imatrix.items()}
-            save_file(imatrix, tmp / "imatrix.safetensors")
-            files.append("imatrix.safetensors")
-        manifest = {
-            "format": fmt,
-            "quantlab_version": __version__,
-            "method": result.method,
-            "config": dataclasses.asdict(result.config),
-            "quantization_config": config["quantization_config"],
-            "linears": {n: list(q.shape) for n, q in weights.items()},
-            "calibration": result.calibration,
-            "imatrix_tokens": result.imatrix_tokens,
-            "source": source_record(source),
-            "quantize_seconds": round(result.seconds, 3),
-            "notes": notes,
-            "files": {f: content_sha256(tmp / f) for f in sorted(files)},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        finish_folder(tmp, fmt, result, summaries, config, source, files)
     return out_dir
 
 

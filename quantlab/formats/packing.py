@@ -13,6 +13,8 @@ nibble ``i`` of a word holds column ``AWQ_ORDER[i]`` (``[0, 2, 4, 6, 1, 3, 5, 7]
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -24,12 +26,34 @@ def packed_length(count: int, bits: int) -> int:
     return -(-count * bits // 32)
 
 
+_CHUNK_CODES = 1 << 21  # codes packed at once: the int64 work arrays stay ~16 MB per layer
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack the last dimension of ``codes`` (integers in [0, 2**bits)) into int32 words."""
     if not 1 <= bits <= 8:
         raise ValueError(f"can only pack 1..8-bit codes, got {bits}")
     count = codes.shape[-1]
     lead = codes.shape[:-1]
+    rows = codes.reshape(math.prod(lead), count)
+    step = max(1, _CHUNK_CODES // max(count, 1))
+    if rows.shape[0] > step:  # row by row chunks: same words, bounded temporaries
+        parts = [_pack_rows(rows[i : i + step], bits) for i in range(0, rows.shape[0], step)]
+        return torch.cat(parts).view(*lead, packed_length(count, bits))
+    return _pack_rows(rows, bits).view(*lead, packed_length(count, bits))
+
+
+def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    count = codes.shape[-1]
+    lead = codes.shape[:-1]
+    if 32 % bits == 0:  # whole codes per word: shift each into place and add (fields are disjoint)
+        per = 32 // bits
+        n_words = packed_length(count, bits)
+        padded = torch.zeros(*lead, n_words * per, dtype=torch.int64)
+        padded[..., :count] = codes.to(torch.int64) & ((1 << bits) - 1)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+        words = (padded.view(*lead, n_words, per) << shifts).sum(dim=-1)
+        return (words - ((words >> 31) << 32)).to(torch.int32)  # uint32 pattern as int32
     blocks = -(-count // 32)
     padded = torch.zeros(*lead, blocks * 32, dtype=torch.int64)
     padded[..., :count] = codes.to(torch.int64) & ((1 << bits) - 1)

@@ -1,0 +1,150 @@
+"""Streaming quantization (#11): block by block from the shards, same checkpoint as in memory,
+and a model larger than the memory limit the process runs under."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from quantlab.cli import main
+from quantlab.data import CalibrationConfig, calibration_for
+from quantlab.formats.checkpoint import write_checkpoint
+from quantlab.methods import get_method
+from quantlab.methods.runner import quantize_model
+from quantlab.methods.streaming import quantize_streaming
+from quantlab.models import load_model, resolve_model
+from quantlab.models.synthetic import synthetic_bytes, write_synthetic_model
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(folder.glob("model*.safetensors")):
+        with safe_open(f, framework="pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (not a dict)
+    return out
+
+
+@pytest.fixture(scope="module")
+def small_calibration(tiny_models):
+    ref = resolve_model(str(tiny_models["tiny-llama"]))
+    cfg = CalibrationConfig(corpus="pydoc", split="all", n_samples=4, seq_len=64, seed=0)
+    return calibration_for(ref, cfg)[1]
+
+
+@pytest.mark.parametrize(
+    ("model", "method", "fmt", "options"),
+    [
+        ("tiny-llama", "gptq", "gptq", {"bits": 4, "group_size": 64, "sym": False}),
+        ("tiny-qwen2", "awq", "awq", {"bits": 4, "group_size": 32}),
+        ("tiny-qwen3", "rtn", "gptq_v2", {"bits": 3, "group_size": -1, "sym": True}),
+        ("tiny-mistral", "gptq", "gptq", {"bits": 8, "group_size": 128, "act_order": True}),
+    ],
+)
+def test_streaming_writes_the_same_checkpoint_as_the_in_memory_path(
+    tiny_models, small_calibration, tmp_path, model, method, fmt, options
+):
+    ref = resolve_model(str(tiny_models[model]))
+    spec = get_method(method)
+    config = spec.config_cls(**options)
+    calibration = small_calibration if spec.needs_calibration else None
+    hf = load_model(ref)
+    result = quantize_model(hf, ref.folder.arch, method, config, calibration, progress=False)
+    write_checkpoint(fmt, result, hf, ref, tmp_path / "memory")
+    # a small shard limit: several shards and an index, as for a large model
+    done = quantize_streaming(
+        ref, method, config, calibration, fmt, tmp_path / "stream", max_shard_bytes=60_000
+    )
+    assert done.blocks == 2 and done.linears == 14
+    a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+    index = json.loads((tmp_path / "stream/model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 2 and set(index["weight_map"]) == set(b)
+    assert shards == sorted(p.name for p in (tmp_path / "stream").glob("model-*.safetensors"))
+    ma, mb = (
+        json.loads((tmp_path / d / "quantlab_manifest.json").read_text())
+        for d in ("memory", "stream")
+    )
+    for key in ma.keys() - {"files", "quantize_seconds"}:
+        assert ma[key] == mb[key], key
+    assert main(["verify", str(tmp_path / "stream")]) == 0
+    assert not list(tmp_path.glob(".*tmp-*"))
+
+
+def test_streaming_refuses_what_it_cannot_write_before_any_work(tiny_models, tmp_path, capsys):
+    model = str(tiny_models["tiny-llama"])
+    args = ["quantize", model, "--method", "rtn", "--streaming", "--out", str(tmp_path / "o")]
+    assert main(args) == 2  # native (the default format) stores deltas against a loaded model
+    assert "--streaming writes --format gptq or awq" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_missing_tensor_mid_model_is_named_and_leaves_nothing(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    src = write_synthetic_model(
+        tmp_path / "synth", hidden=128, intermediate=256, layers=3, heads=4, kv_heads=2
+    )
+    shard = src / "model-00002-of-00004.safetensors"
+    with safe_open(shard, framework="pt") as fh:
+        kept = {k: fh.get_tensor(k) for k in fh.keys() if "mlp.up_proj" not in k}  # noqa: SIM118
+    save_file(kept, shard)
+    out = tmp_path / "q"
+    args = ["quantize", str(src), "--method", "rtn", "--format", "gptq", "--streaming"]
+    assert main([*args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "model.layers.1 lacks tensor(s) mlp.up_proj.weight" in err
+    assert not out.exists() and not list(tmp_path.glob(".q.tmp-*"))
+
+
+def _run_limited(args: list[str], data_limit: int) -> tuple[int, int, str]:
+    """Run the CLI in a child whose private memory (RLIMIT_DATA) is capped; return its exit code,
+    its peak RSS in bytes and its stderr's tail."""
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_DATA, (data_limit, data_limit))
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quantlab", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=limit,
+        env={**os.environ, "TQDM_DISABLE": "1"},
+    )
+    stderr = proc.stderr.read().decode(errors="replace")
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss * 1024, stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_model_larger_than_the_memory_limit_is_quantized_by_streaming(tmp_path):
+    """1.4 GB of fp16 weights (2.9 GB as the float32 the in-memory path loads) quantized inside
+    a 1.1 GB cap on the process's private memory (heap, anonymous and private file mappings:
+    every tensor torch allocates). The in-memory path fails under the same cap, so the cap binds."""
+    shape = {"hidden": 1024, "intermediate": 2816, "layers": 64, "heads": 8, "kv_heads": 2}
+    limit = 1_100_000_000
+    assert synthetic_bytes(**shape) > 1.25 * limit
+    src = write_synthetic_model(tmp_path / "synth", **shape)
+    corpus = tmp_path / "calib.txt"
+    corpus.write_text("The quick brown fox jumps over the lazy dog. " * 2000)
+    common = ["quantize", str(src), "--method", "rtn", "--imatrix", "--group-size", "128"]
+    common += ["--calib", str(corpus), "--n-samples", "4", "--seq-len", "128", "--format", "gptq"]
+    rc, peak, err = _run_limited([*common, "--streaming", "--out", str(tmp_path / "s")], limit)
+    assert rc == 0, err
+    assert peak < limit
+    manifest = json.loads((tmp_path / "s/quantlab_manifest.json").read_text())
+    assert len(manifest["linears"]) == 64 * 7 and manifest["imatrix_tokens"] == 4 * 128
+    assert main(["verify", str(tmp_path / "s")]) == 0
+    rc, _, err = _run_limited([*common, "--out", str(tmp_path / "m")], limit)
+    assert rc != 0 and not (tmp_path / "m").exists()
