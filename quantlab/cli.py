@@ -407,6 +407,28 @@ def _print_results(rows) -> None:
     print(format_table(*results_table(rows)))
 
 
+def _task_resources(args):
+    """``--task-*`` options as the Ray executor's `TaskResources` (None for the local executor)."""
+    from quantlab.workbench.plan import parse_size
+    from quantlab.workbench.ray_executor import TaskResources
+
+    ray_only = [
+        f"--{n.replace('_', '-')}"
+        for n in ("address", "task_cpus", "task_gpus", "task_memory")
+        if getattr(args, n) is not None
+    ]
+    if args.executor != "ray":
+        if ray_only:
+            raise QuantlabError(f"{', '.join(ray_only)} apply to --executor ray only")
+        return None
+    cpus = 1.0 if args.task_cpus is None else args.task_cpus
+    gpus = 0.0 if args.task_gpus is None else args.task_gpus
+    if cpus <= 0 or gpus < 0:
+        raise QuantlabError("--task-cpus must be > 0 and --task-gpus >= 0")
+    memory = parse_size(args.task_memory) if args.task_memory else None
+    return TaskResources(cpus=cpus, gpus=gpus, memory_bytes=memory)
+
+
 def cmd_run(args) -> None:
     """``quantlab run CONFIG``: the sweep, then the results table and the report."""
     from quantlab.workbench.config import load_run_config
@@ -422,6 +444,9 @@ def cmd_run(args) -> None:
         store_path=store_path,
         output=args.output,
         progress_file=args.progress_file,
+        executor=args.executor,
+        address=args.address,
+        resources=_task_resources(args),
     )
     keys = set(report.keys.values())
     with ResultStore(store_path) as store:
@@ -640,6 +665,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="results database (default: the config's store)")
     p.add_argument("--output", help="artifacts folder (default: the config's output)")
     p.add_argument("--progress-file", help="keep a JSON progress record here (for front ends)")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        default="local",
+        help="local: variants one after another here; ray: each variant's quantization and "
+        "evaluation as Ray tasks (results still written here)",
+    )
+    p.add_argument(
+        "--address",
+        help="Ray cluster to join (auto: the one started on this node with `ray start`; "
+        "default: a local Ray instance)",
+    )
+    p.add_argument("--task-cpus", type=float, help="CPUs each Ray task declares (default 1)")
+    p.add_argument("--task-gpus", type=float, help="GPUs each Ray task declares (default 0)")
+    p.add_argument(
+        "--task-memory", help="memory each Ray task declares, e.g. 8GiB (default: from model size)"
+    )
     p.set_defaults(func=cmd_run)
     p = sub.add_parser("report", help="write the report of a stored run (markdown, html, plots)")
     p.add_argument("--run", help="run name (default: the latest run)")

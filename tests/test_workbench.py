@@ -78,6 +78,8 @@ def test_shipped_configs_load(name):
         (lambda c: c.pop("model"), "model: required"),
         (lambda c: c["variants"].append({"method": "gptq", "impl": "autogptq"}), "impl must be"),
         (lambda c: c.update(name="../escape"), "run name '../escape': use letters"),
+        (lambda c: c["variants"][1].update(streaming=True), "streaming applies to quantlab's"),
+        (lambda c: c["calibration"].update(device="tpu"), "device must be cpu or cuda"),
         (lambda c: c["variants"].append({"method": "rtn", "name": ".."}), "variant name '..'"),
         (
             lambda c: c["variants"].append(
@@ -348,3 +350,20 @@ def test_plan_for_llama3_8b_from_its_config_alone(tmp_path, capsys):
     assert main(["plan", str(tmp_path / "config.json"), "--vram", "8GiB", "--context", "8192"]) == 0
     out = capsys.readouterr().out
     assert "gguf Q4_K_M" in out and "most bits that fit: gguf Q6_K" in out
+
+
+def test_result_keys_ignore_streaming_and_the_default_device(tiny_models, tmp_path):
+    """Streaming writes the same tensors, and keys stored before ``calibration.device`` existed
+    stay valid; a GPU calibration is a different result."""
+    from quantlab.workbench.config import parse_run_config
+    from quantlab.workbench.pipeline import result_key
+
+    def key(variant: dict, **calibration) -> str:
+        raw = _tiny_config(tiny_models, tmp_path, variants=[variant])
+        raw["calibration"].update(calibration)
+        config = parse_run_config(raw)
+        return result_key(config.variants[0], config, "sha")
+
+    gptq = {"method": "gptq", "bits": 4, "group_size": 64, "format": "gptq"}
+    assert key(gptq) == key({**gptq, "streaming": True}) == key(gptq, device="cpu")
+    assert key(gptq) != key(gptq, device="cuda")

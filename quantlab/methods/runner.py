@@ -182,9 +182,10 @@ def _capture_first_block_inputs(model, arch: ArchSpec, ids: torch.Tensor, dtype,
         raise _StopForward
 
     handle = blocks[0].register_forward_pre_hook(grab, with_kwargs=True)
+    embed_device = model.get_submodule(arch.embed).weight.device  # the master weights' device
     try:
         with torch.inference_mode():
-            model(ids.to(device), use_cache=False)
+            model(ids.to(embed_device), use_cache=False)
     except _StopForward:
         pass
     finally:
@@ -232,7 +233,7 @@ def quantize_model(
     hidden = kwargs = None
     imatrix: dict[str, list] = {}
     if calibration is not None:
-        ids = torch.as_tensor(np.asarray(calibration.input_ids))
+        ids = torch.as_tensor(np.array(calibration.input_ids))  # a copy: ids may be read-only
         hidden, kwargs = _capture_first_block_inputs(model, arch, ids, dtype, device)
         stages["capture"] = time.perf_counter() - start
         for i in range(len(blocks)):
@@ -289,7 +290,7 @@ def collect_imatrix(
     from tqdm import tqdm
 
     dtype = getattr(torch, calib_dtype)
-    ids = torch.as_tensor(np.asarray(calibration.input_ids))
+    ids = torch.as_tensor(np.array(calibration.input_ids))  # a copy: ids may be read-only
     hidden, kwargs = _capture_first_block_inputs(model, arch, ids, dtype, device)
     blocks = model.get_submodule(arch.blocks)
     stats: dict[str, list] = {

@@ -242,13 +242,10 @@ def _load_module(module, prefix: str, source: TensorSource, device: str) -> dict
     missing = sorted(expected - set(state))
     if missing:
         raise QuantlabError(f"{source.path}: {prefix} lacks tensor(s) {', '.join(missing[:5])}")
-    unexpected = sorted(set(state) - expected)
-    if unexpected:
-        raise QuantlabError(
-            f"{source.path}: {prefix} has tensor(s) the model does not: {', '.join(unexpected[:5])}"
-        )
-    module.load_state_dict(state, assign=True, strict=True)
-    return stored
+    # tensors the model does not have (e.g. rotary buffers old checkpoints saved) are dropped,
+    # as transformers drops them when it loads the model
+    module.load_state_dict({k: state[k] for k in expected}, assign=True, strict=True)
+    return {n: t for n, t in stored.items() if n[len(prefix) + 1 :] in expected}
 
 
 def quantize_streaming(
@@ -318,7 +315,7 @@ def quantize_streaming(
         if calibration is not None:
             embed = model.get_submodule(arch.embed)
             _load_module(embed, arch.embed, source, device)
-            ids = torch.as_tensor(np.asarray(calibration.input_ids))
+            ids = torch.as_tensor(np.array(calibration.input_ids))  # a copy: ids may be read-only
             hidden, kwargs = _capture_first_block_inputs(model, arch, ids, dtype, device)
             embed.to("meta")
             for i in range(n_blocks):
@@ -336,6 +333,8 @@ def quantize_streaming(
             prefix = f"{arch.blocks}.{i}"
             block = blocks[i]
             stored = _load_module(block, prefix, source, device)
+            linear_weights = {f"{prefix}.{name}.weight" for name in arch.linears}
+            stored = {n: t for n, t in stored.items() if n not in linear_weights}  # packed later
             compute = block
             if calibration is not None and (dtype != torch.float32 or device != "cpu"):
                 compute = copy.deepcopy(block).to(device=device, dtype=dtype)
@@ -351,9 +350,10 @@ def quantize_streaming(
             check_uniform(fmt, summaries)
             packed = pack_linears(fmt_spec, weights)  # refuses what the layout cannot hold
             modified = {f"{prefix}.{name}" for name in ctx.modified}
+            missing = sorted(set(arch.linears) - set(ctx.quantized))
+            if missing:
+                raise QuantlabError(f"{method} left {prefix} {', '.join(missing)} unquantized")
             for name, tensor in stored.items():
-                if name.removesuffix(".weight") in weights and name.endswith(".weight"):
-                    continue
                 if name in modified:  # AWQ-scaled norms stay float32: nothing is rounded again
                     tensor = block.get_parameter(name[len(prefix) + 1 :]).detach().float()
                 writer.add(name, tensor)

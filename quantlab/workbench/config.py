@@ -58,12 +58,15 @@ class CalibrationSpec:
     seed: int = 0
     dtype: str = "float32"  # dtype of the calibration forward passes (bfloat16 is ~2x faster)
     allow_fallback: bool = False  # use the embedded pydoc corpus when the corpus is unavailable
+    device: str = "cpu"  # where the block passes run (quantlab methods, importance matrix)
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.seq_len < 8:
             raise ConfigError("calibration: n_samples must be >= 1 and seq_len >= 8")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"calibration.dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"calibration.device must be cpu or cuda, got {self.device!r}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Variant:
     gptq_format: str = "v1"
     gguf_type: str | None = None  # llama.cpp quantization type (format gguf, no method)
     imatrix: bool = False  # feed llama.cpp the importance matrix of the calibration set
+    streaming: bool = False  # quantize block by block from the shards (identical result)
 
     def __post_init__(self) -> None:
         from quantlab.formats.gguf_quant import GGUF_TYPES, NEEDS_IMATRIX
@@ -124,6 +128,8 @@ class Variant:
             raise ConfigError("format awq (GEMM) holds 4-bit weights without act-order")
         if self.method and self.bits not in (2, 3, 4, 8):
             raise ConfigError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
+        if self.streaming and (toolkit or not self.method or fmt not in ("gptq", "awq")):
+            raise ConfigError("streaming applies to quantlab's methods with format gptq or awq")
         if self.act_order and self.method != "gptq":
             raise ConfigError("act_order applies to method gptq only")
         if self.method and self.group_size != -1 and self.group_size < 1:
@@ -156,8 +162,11 @@ class Variant:
         return "-".join(parts) + ("" if self.format == "native" else f"-{self.format}")
 
     def settings_key(self) -> str:
-        """The variant's settings without its name (what its result depends on)."""
-        fields = {k: v for k, v in dataclasses.asdict(self).items() if k != "name"}
+        """The variant's settings without its name (what its result depends on; streaming
+        writes the same tensors as the in-memory path, so it is left out)."""
+        fields = {
+            k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "streaming")
+        }
         return json.dumps(fields, sort_keys=True)
 
     def method_options(self) -> dict:

@@ -65,11 +65,12 @@ def result_key(variant: Variant, config: RunConfig, model_sha256: str, data_root
     evaluation, the model's content and the code versions."""
     from quantlab.eval.harness import METRICS_VERSION
 
+    calibration = dataclasses.asdict(config.calibration) if variant.needs_calibration else None
+    if calibration and calibration["device"] == "cpu":
+        del calibration["device"]  # keys from before the setting existed stay valid
     parts = {
-        "variant": {k: v for k, v in dataclasses.asdict(variant).items() if k != "name"},
-        "calibration": dataclasses.asdict(config.calibration)
-        if variant.needs_calibration
-        else None,
+        "variant": json.loads(variant.settings_key()),
+        "calibration": calibration,
         "evaluation": dataclasses.asdict(config.evaluation),
         "model": model_sha256,
         # results made from the fallback corpus must not stand in for the real one
@@ -116,10 +117,26 @@ class _Shared:
 
             _, calib = self.calibration()
             model = load_model(self.model_ref)
+            c = self.config.calibration
+            _check_device(c.device)
             self._imatrix = collect_imatrix(
-                model, self.model_ref.folder.arch, calib, calib_dtype=self.config.calibration.dtype
+                model,
+                self.model_ref.folder.arch,
+                calib,
+                calib_dtype=c.dtype,
+                device=c.device,
             )
         return self._imatrix
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise QuantlabError(
+            "calibration.device is cuda but this process sees no CUDA GPU (on Ray: declare "
+            "--task-gpus 1 so that a task gets one)"
+        )
 
 
 def _remove(path: Path) -> None:
@@ -183,6 +200,23 @@ def produce(variant: Variant, shared: _Shared, out: Path) -> tuple[str, str]:
     spec = get_method(variant.method)
     method_config = spec.config_cls(**variant.method_options())
     calibration = shared.calibration()[1] if spec.needs_calibration else None
+    device = shared.config.calibration.device if calibration is not None else "cpu"
+    _check_device(device)
+    fmt = "gptq_v2" if variant.format == "gptq" and variant.gptq_format == "v2" else variant.format
+    if variant.streaming:
+        from quantlab.methods.streaming import quantize_streaming
+
+        done = quantize_streaming(
+            model_ref,
+            variant.method,
+            method_config,
+            calibration,
+            fmt,
+            out,
+            calib_dtype=shared.config.calibration.dtype,
+            device=device,
+        )
+        return str(done.out_dir), fmt
     model = load_model(model_ref)
     result = quantize_model(
         model,
@@ -191,6 +225,7 @@ def produce(variant: Variant, shared: _Shared, out: Path) -> tuple[str, str]:
         method_config,
         calibration,
         calib_dtype=shared.config.calibration.dtype,
+        device=device,
     )
     if variant.format == "native":
         return str(write_native(result, model_ref, out)), "native"
@@ -198,8 +233,11 @@ def produce(variant: Variant, shared: _Shared, out: Path) -> tuple[str, str]:
         from quantlab.formats.gguf_lossless import lossless_artifact
 
         return str(lossless_artifact(result, model_ref, out, cache)[0]), "gguf"
-    fmt = "gptq_v2" if variant.format == "gptq" and variant.gptq_format == "v2" else variant.format
     return str(write_checkpoint(fmt, result, model, model_ref, out)), fmt
+
+
+def artifact_path(out_root: Path, variant: Variant) -> Path:
+    return out_root / f"{variant.name}{'.gguf' if variant.format == 'gguf' else ''}"
 
 
 def preflight(config: RunConfig, model_ref) -> None:
@@ -272,11 +310,17 @@ def run_sweep(
     output: str | Path | None = None,
     log=None,
     progress_file: str | Path | None = None,
+    executor: str = "local",
+    address: str | None = None,
+    resources=None,
 ) -> SweepReport:
     """Run every variant of ``config`` not yet in the store; see the module docstring.
 
     ``progress_file``: a JSON file rewritten (atomically) at every stage - run, variant i of N,
-    stage, seconds elapsed, estimated seconds left - for front ends such as the app."""
+    stage, seconds elapsed, estimated seconds left - for front ends such as the app.
+    ``executor``: ``local`` (one variant after another in this process) or ``ray`` (each
+    variant's quantization and evaluation as Ray tasks on the cluster at ``address``, rows still
+    written here; `quantlab.workbench.ray_executor`), with ``resources`` (a `TaskResources`)."""
     from tqdm import tqdm
 
     from quantlab.eval.harness import evaluate
@@ -284,6 +328,8 @@ def run_sweep(
     from quantlab.models import resolve_model
 
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if executor not in ("local", "ray"):
+        raise QuantlabError(f"unknown executor {executor!r}; use local or ray")
     start = time.perf_counter()
     model_ref = resolve_model(config.model, cache=cache)
     preflight(config, model_ref)
@@ -326,24 +372,7 @@ def run_sweep(
             tmp.write_text(json.dumps(state))
             tmp.replace(progress_file)
 
-        for i, variant in enumerate(todo, 1):
-            timings = {}
-            stage(i, variant.name, "quantize")
-            t0 = time.perf_counter()
-            suffix = ".gguf" if variant.format == "gguf" else ""
-            out = out_root / f"{variant.name}{suffix}"
-            _remove(out)  # left by a run killed before its row was recorded
-            out.parent.mkdir(parents=True, exist_ok=True)
-            target, fmt = produce(variant, shared, out)
-            timings["quantize_s"] = time.perf_counter() - t0
-            stage(i, variant.name, "evaluate")
-            t0 = time.perf_counter()
-            metrics = evaluate(
-                target, eval_config, reference=config.model, data_root=data_root, cache=cache
-            )
-            timings["evaluate_s"] = time.perf_counter() - t0
-            timings.update({f"eval:{k}": v for k, v in metrics.stage_seconds.items()})
-            calib_sha = shared.calibration()[1].sha256 if variant.needs_calibration else None
+        def record(variant: Variant, target: str, fmt: str, metrics, timings: dict, calib_sha):
             store.record(
                 key=keys[variant.name],
                 run_id=run_id,
@@ -351,7 +380,7 @@ def run_sweep(
                 variant=variant,
                 model=config.model,
                 model_sha256=model_sha,
-                calibration_sha256=calib_sha,
+                calibration_sha256=calib_sha if variant.needs_calibration else None,
                 config_sha256=config.sha256(),
                 artifact=target,
                 fmt=fmt,
@@ -365,6 +394,42 @@ def run_sweep(
                 f"evaluate {timings['evaluate_s']:.1f} s"
             )
             bar.update(1)
+
+        if executor == "ray":
+            from quantlab.workbench.ray_executor import run_on_ray
+
+            run_on_ray(
+                todo,
+                config=config,
+                model_ref=model_ref,
+                eval_config=eval_config,
+                out_root=out_root,
+                data_root=data_root,
+                cache=cache,
+                record=record,
+                stage=stage,
+                resources=resources,
+                address=address,
+                log=log,
+            )
+        for i, variant in enumerate(todo if executor == "local" else [], 1):
+            timings = {}
+            stage(i, variant.name, "quantize")
+            t0 = time.perf_counter()
+            out = artifact_path(out_root, variant)
+            _remove(out)  # left by a run killed before its row was recorded
+            out.parent.mkdir(parents=True, exist_ok=True)
+            target, fmt = produce(variant, shared, out)
+            timings["quantize_s"] = time.perf_counter() - t0
+            stage(i, variant.name, "evaluate")
+            t0 = time.perf_counter()
+            metrics = evaluate(
+                target, eval_config, reference=config.model, data_root=data_root, cache=cache
+            )
+            timings["evaluate_s"] = time.perf_counter() - t0
+            timings.update({f"eval:{k}": v for k, v in metrics.stage_seconds.items()})
+            calib_sha = shared.calibration()[1].sha256 if variant.needs_calibration else None
+            record(variant, target, fmt, metrics, timings, calib_sha)
         bar.close()
         store.finish_run(run_id)
         stage(len(todo) + 1, "", "done")

@@ -1,0 +1,229 @@
+"""`quantlab run CONFIG --executor ray`: the sweep's variants as Ray tasks.
+
+Ray (an existing distributed engine) schedules; quantlab only says what to run and what each task
+needs. For a run config with N variants left to do, the driver submits:
+
+- one *shared* task (if any variant needs calibration): draws the calibration set once and, if a
+  GGUF variant asks for it, measures the importance matrix once; its result lives in Ray's object
+  store and every variant task receives it from there (no variant recomputes it);
+- per variant, a *quantize* task (writes the artifact under the run's output folder, atomically;
+  it first removes whatever a killed earlier attempt left) and an *evaluate* task that Ray starts
+  when the quantize task's result exists;
+- each with declared resources (`TaskResources`: CPUs, GPUs, memory).
+
+The driver alone writes the results store, one row per variant as its evaluation returns, so rows
+are only ever complete and never written twice. Tasks whose worker dies (killed, out of memory,
+node lost) are retried by Ray (``max_retries``); a task that raises (bad input) is not retried:
+the sweep stops with that error and the rows already recorded stay (rerun to resume, as with the
+local executor).
+
+On a cluster every node must see the same paths: the model folder, the run's output folder, the
+data root and the cache (shared storage), and have quantlab installed in the same environment.
+See docs/SCALE.md.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from quantlab.errors import QuantlabError
+
+GiB = 1024**3
+ENV_VARS = (
+    "QUANTLAB_DATA",
+    "QUANTLAB_CACHE",
+    "HF_HUB_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "HF_HOME",
+    "TRITON_INTERPRET",
+)
+
+
+@dataclass(frozen=True)
+class TaskResources:
+    """What each quantize/evaluate task declares to Ray's scheduler."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+    memory_bytes: int | None = None  # None: estimated from the model's size
+    max_retries: int = 3  # attempts after a worker dies (not after an error raised by the task)
+
+
+@dataclass(frozen=True)
+class CorpusLabel:
+    """What a variant needs of the calibration corpus besides its ids: its label."""
+
+    label: str
+
+
+def estimate_task_memory(model_bytes: int) -> int:
+    """Memory to declare for one variant task: the model loaded in float32 (weights on disk may
+    be 16-bit), a block's compute copy and the quantized copy, evaluation's reference and the
+    process (1 GiB)."""
+    return int(3 * 2 * model_bytes + GiB)
+
+
+# -- what runs on the workers (module level, so Ray can import them there) ---------------------
+
+
+def shared_task(config, model_ref, data_root, cache, need_imatrix: bool):
+    """Calibration set (and importance matrix) for every variant of the run."""
+    from quantlab.workbench.pipeline import _Shared
+
+    shared = _Shared(config, model_ref, data_root, cache)
+    corpus, calibration = shared.calibration()
+    imatrix = shared.imatrix() if need_imatrix else None
+    return CorpusLabel(corpus.label), calibration, imatrix
+
+
+def quantize_task(variant, config, model_ref, data_root, cache, out: str, shared_values):
+    """Quantize and write one variant; returns (what to evaluate, format, seconds)."""
+    from quantlab.workbench.pipeline import _remove, _Shared, produce
+
+    start = time.perf_counter()
+    shared = _Shared(config, model_ref, data_root, cache)
+    if shared_values is not None:
+        label, calibration, imatrix = shared_values
+        shared._calibration = (label, calibration)
+        shared._imatrix = imatrix
+    out = Path(out)
+    _remove(out)  # what an attempt killed before this one left
+    out.parent.mkdir(parents=True, exist_ok=True)
+    target, fmt = produce(variant, shared, out)
+    return target, fmt, time.perf_counter() - start
+
+
+def evaluate_task(produced, eval_config, reference: str, data_root, cache):
+    """Evaluate one artifact (the quantize task's result); returns (metrics, seconds)."""
+    from quantlab.eval.harness import evaluate
+
+    start = time.perf_counter()
+    metrics = evaluate(
+        produced[0], eval_config, reference=reference, data_root=data_root, cache=cache
+    )
+    return metrics, time.perf_counter() - start
+
+
+# -- the driver -----------------------------------------------------------------------------------
+
+
+def connect(address: str | None):
+    """Use the Ray instance this process already joined, or join ``address`` (``auto``: the
+    cluster started on this node with ``ray start``), or start a local one."""
+    try:
+        import ray
+    except ImportError:
+        raise QuantlabError(
+            "--executor ray needs Ray: pip install 'quantlab[ray]' (or pip install ray)"
+        ) from None
+    if ray.is_initialized():
+        return ray
+    env = {k: os.environ[k] for k in ENV_VARS if k in os.environ}
+    try:
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": env} if env else None,
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+    except ConnectionError as exc:
+        raise QuantlabError(f"cannot reach the Ray cluster at {address}: {exc}") from None
+    return ray
+
+
+def _largest_node_memory(ray) -> float:
+    sizes = [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+    return max(sizes, default=0)
+
+
+def run_on_ray(
+    todo,
+    *,
+    config,
+    model_ref,
+    eval_config,
+    out_root: Path,
+    data_root,
+    cache,
+    record,
+    stage,
+    resources: TaskResources | None,
+    address: str | None,
+    log,
+) -> None:
+    """Run ``todo`` (variants) on Ray; ``record(variant, target, fmt, metrics, timings,
+    calibration sha256)`` is called here, in the driver, as each variant's evaluation returns."""
+    from quantlab.workbench.pipeline import artifact_path
+
+    ray = connect(address)
+    resources = resources or TaskResources()
+    weights = sum(f.stat().st_size for f in model_ref.folder.weight_files)
+    memory = resources.memory_bytes or estimate_task_memory(weights)
+    largest = _largest_node_memory(ray)
+    if largest and memory > largest:
+        raise QuantlabError(
+            f"each variant task needs about {memory / GiB:.1f} GiB but the largest Ray node "
+            f"offers {largest / GiB:.1f} GiB; pass --task-memory to declare less"
+        )
+    options = {
+        "num_cpus": resources.cpus,
+        "num_gpus": resources.gpus,
+        "memory": memory,
+        "max_retries": resources.max_retries,
+    }
+    need_calibration = [v for v in todo if v.needs_calibration]
+    need_imatrix = any(v.gguf_type and v.imatrix for v in todo)
+    shared_ref = None
+    if need_calibration:
+        shared_ref = (
+            ray.remote(shared_task)
+            .options(name="quantlab-shared", **options)
+            .remote(config, model_ref, data_root, cache, need_imatrix)
+        )
+    quantize = ray.remote(quantize_task)
+    evaluate = ray.remote(evaluate_task)
+    pending = {}
+    for variant in todo:
+        out = artifact_path(out_root, variant)
+        q = quantize.options(name=f"quantize:{variant.name}", **options).remote(
+            variant,
+            config,
+            model_ref,
+            data_root,
+            cache,
+            str(out),
+            shared_ref if variant.needs_calibration else None,
+        )
+        e = evaluate.options(name=f"evaluate:{variant.name}", **options).remote(
+            q, eval_config, config.model, data_root, cache
+        )
+        pending[e] = (variant, q)
+    calib_sha = None
+    finished = 0
+    stage(1, "", f"{len(todo)} variants on Ray")
+    try:
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                variant, q = pending.pop(ref)
+                try:
+                    metrics, evaluate_s = ray.get(ref)
+                    target, fmt, quantize_s = ray.get(q)
+                except ray.exceptions.RayTaskError as exc:
+                    cause = exc.cause if isinstance(exc.cause, Exception) else exc
+                    raise QuantlabError(f"variant {variant.name} failed on Ray: {cause}") from None
+                if variant.needs_calibration and calib_sha is None:
+                    calib_sha = ray.get(shared_ref)[1].sha256
+                timings = {"quantize_s": quantize_s, "evaluate_s": evaluate_s}
+                timings.update({f"eval:{k}": v for k, v in metrics.stage_seconds.items()})
+                record(variant, target, fmt, metrics, timings, calib_sha)
+                finished += 1
+                stage(min(finished + 1, len(todo)), variant.name, f"{len(pending)} left on Ray")
+    finally:
+        for ref in pending:  # an error stops the sweep: do not leave work running
+            ray.cancel(ref, force=True)
+        for _, q in pending.values():
+            ray.cancel(q, force=True)
