@@ -2,7 +2,7 @@
 
 Writes synthetic Llama models (random fp16 weights, one shard per block) of several depths and
 widths, quantizes each with ``quantlab quantize --streaming`` and without, each in its own
-process, and prints model size, peak RSS (the child's ru_maxrss) and wall time side by side.
+process, and prints model size, peak RSS (the child's VmHWM) and wall time side by side.
 Streaming's peak should follow the block size, not the model size; the in-memory path holds the
 whole model in float32.
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -39,23 +38,34 @@ def shape_of(spec: str) -> dict:
     }
 
 
+_CHILD = (
+    "import resource, sys\n"
+    "limit = int(sys.argv[1])\n"
+    "if limit:\n"
+    "    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))\n"
+    "from quantlab.cli import main\n"
+    "rc = main(sys.argv[2:])\n"
+    "hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]\n"
+    "print(f'VmHWM {hwm}', file=sys.stderr)\n"
+    "sys.exit(rc)\n"
+)
+
+
 def run(args: list[str], data_limit: int | None) -> tuple[int, float, float]:
-    """(exit code, peak RSS GB, seconds) of ``quantlab ARGS`` in a fresh process."""
-
-    def limit():
-        if data_limit:
-            resource.setrlimit(resource.RLIMIT_DATA, (data_limit, data_limit))
-
+    """(exit code, peak RSS GB, seconds) of ``quantlab ARGS`` in a fresh process. The child
+    reports its own VmHWM (``ru_maxrss`` of a forked child also counts its parent's pages)."""
     start = time.perf_counter()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "quantlab", *args],
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(data_limit or 0), *args],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        preexec_fn=limit,
+        stderr=subprocess.PIPE,
         env={**os.environ, "TQDM_DISABLE": "1"},
+        text=True,
+        errors="replace",
     )
-    _, status, usage = os.wait4(proc.pid, 0)
-    return os.waitstatus_to_exitcode(status), usage.ru_maxrss / 1024**2, time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    peak = [int(x.split()[1]) for x in proc.stderr.splitlines() if x.startswith("VmHWM ")]
+    return proc.returncode, (peak[0] / 1024**2 if peak else float("nan")), seconds
 
 
 def main() -> None:
@@ -104,7 +114,7 @@ def main() -> None:
     cap = f", RLIMIT_DATA {limit / 1e9:.2f} GB" if limit else ""
     print(
         f"\n{args.method} 4-bit g128 -> GPTQ checkpoint, calibration {args.n_samples} x "
-        f"{args.seq_len} tokens{cap}; peak RSS = the process's ru_maxrss\n"
+        f"{args.seq_len} tokens{cap}; peak RSS = the process's VmHWM\n"
     )
     print(
         "| model (hidden x blocks) | fp16 GB | block MB | streaming peak RSS GB | streaming s "

@@ -212,8 +212,9 @@ def run_on_ray(
                 try:
                     metrics, evaluate_s = ray.get(ref)
                     target, fmt, quantize_s = ray.get(q)
-                except ray.exceptions.RayTaskError as exc:
-                    cause = exc.cause if isinstance(exc.cause, Exception) else exc
+                except ray.exceptions.RayError as exc:  # raised by the task, or retries spent
+                    cause = getattr(exc, "cause", None)
+                    cause = cause if isinstance(cause, Exception) else exc
                     raise QuantlabError(f"variant {variant.name} failed on Ray: {cause}") from None
                 if variant.needs_calibration and calib_sha is None:
                     calib_sha = ray.get(shared_ref)[1].sha256
