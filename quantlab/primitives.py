@@ -43,9 +43,9 @@ def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:
 def scale_zero(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and integer zero point of ``w`` (rows, cols), each (rows, 1) float32."""
     maxq = 2**bits - 1
-    w = w.float()
-    xmin = torch.clamp(w.min(dim=1, keepdim=True).values, max=0)
-    xmax = torch.clamp(w.max(dim=1, keepdim=True).values, min=0)
+    lo, hi = torch.aminmax(w.float(), dim=1, keepdim=True)
+    xmin = torch.clamp(lo, max=0)
+    xmax = torch.clamp(hi, min=0)
     if sym:
         xmax = torch.maximum(-xmin, xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
@@ -115,5 +115,22 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:
-    """``dequantize(quantize_rtn(w))``: the reference fake-quant of a weight."""
-    return dequantize(quantize_rtn(w, bits, group_size, sym))
+    """``dequantize(quantize_rtn(w))``: the reference fake-quant of a weight, computed without
+    the integer tensors (codes and zero points are whole numbers, exact in float32, so
+    ``scale * (code - zero)`` has the same value either way; tested)."""
+    check_bits_and_group(bits, group_size)
+    out, cols = w.shape
+    size = group_size if group_size > 0 else cols
+    full = cols // size
+    w = w.float()
+    values = torch.empty_like(w)
+    if full:
+        head = w[:, : full * size].reshape(out * full, size)
+        scale, zero = scale_zero(head, bits, sym)
+        codes = quantize_codes(head, scale, zero, bits)
+        values[:, : full * size] = codes.sub_(zero).mul_(scale).view(out, full * size)
+    if full * size < cols:
+        tail = w[:, full * size :]
+        scale, zero = scale_zero(tail, bits, sym)
+        values[:, full * size :] = quantize_codes(tail, scale, zero, bits).sub_(zero).mul_(scale)
+    return values

@@ -251,3 +251,64 @@ def test_collect_imatrix_is_the_mean_square_input_of_every_linear(tiny_models, c
     for name, (mean, n) in expected.items():
         assert n == rows
         torch.testing.assert_close(imatrix[name], mean, rtol=1e-5, atol=1e-8)
+
+
+# -- the fast paths equal what they replace ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [-1, 32, 64, 128])
+@pytest.mark.parametrize("sym", [True, False])
+def test_fake_quantize_is_bit_identical_to_dequantize_of_rtn(bits, group_size, sym):
+    gen = torch.Generator().manual_seed(bits * 1000 + group_size)
+    for shape in [(7, 576), (5, 130), (16, 64)]:
+        w = torch.randn(*shape, generator=gen) * 0.05
+        w[0, :40] = 0  # an all-zero group
+        w[1] = 0.3  # a constant row
+        expected = dequantize(quantize_rtn(w, bits, group_size, sym))
+        assert torch.equal(fake_quantize(w, bits, group_size, sym), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_triangular_hessian_equals_the_full_product(dtype):
+    x = correlated_inputs(n=3000, d=200).to(dtype)  # 3000 rows: two bf16 chunks, one short
+    H, n = accumulate_hessian(None, 0, x)
+    expected = 2 * x.double().T @ x.double() / n
+    assert torch.allclose(H.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
+
+
+def test_inverse_cholesky_upper_is_the_cholesky_factor_of_the_inverse():
+    from quantlab.methods.gptq import inverse_cholesky_upper
+
+    x = correlated_inputs(n=4096, d=160)
+    H = accumulate_hessian(None, 0, x)[0].double()
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    U = inverse_cholesky_upper(H)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    assert torch.equal(U, torch.triu(U)) and bool((U.diagonal() > 0).all())
+    assert torch.allclose(U, reference, rtol=1e-9, atol=1e-12)
+
+
+def test_awq_output_error_and_mean_abs_equal_their_definitions():
+    from quantlab.methods.awq import mean_abs, output_error
+
+    x = correlated_inputs(n=5000, d=150)
+    H = accumulate_hessian(None, 0, x)[0]
+    dW = torch.randn(70, 150, generator=torch.Generator().manual_seed(1)) * 1e-3
+    expected = torch.trace(dW.double() @ H.double() @ dW.double().T)
+    assert output_error(dW, H).item() == pytest.approx(expected.item(), rel=1e-5)
+    xb = x.bfloat16()
+    assert torch.allclose(mean_abs(xb), xb.float().abs().mean(dim=0), rtol=1e-5)
+
+
+def test_chunked_bit_packing_equals_one_pass(monkeypatch):
+    from quantlab.formats import packing
+
+    codes = torch.randint(0, 16, (37, 200), generator=torch.Generator().manual_seed(2))
+    for bits in (2, 3, 4, 8):
+        c = codes % (1 << bits)
+        whole = packing.pack_bits(c, bits)
+        monkeypatch.setattr(packing, "_CHUNK_CODES", 450)  # 2 rows per chunk
+        assert torch.equal(packing.pack_bits(c, bits), whole)
+        monkeypatch.undo()
+        assert torch.equal(packing.unpack_bits(whole, bits, 200), c)

@@ -20,7 +20,7 @@ Linears that share an input share ``H``, so their rows are stacked and solved in
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -77,7 +77,8 @@ def accumulate_hessian(
     product of two bf16 values is exact in float32), about twice as fast. With ``exact=False``
     (search criteria only, never GPTQ's solve: the result need not be positive definite) bf16
     inputs are multiplied natively in ``chunk``-row slices whose sums are rounded to bf16 before
-    the float32 total (about 1e-3 relative per entry), four times as fast as float32.
+    the float32 total (about 1e-3 relative per entry), four times as fast as float32. Either way
+    bf16 inputs are processed ``chunk`` rows at a time.
     """
     low = x.dtype == torch.bfloat16 and x.device.type == "cpu"
     x = x.reshape(-1, x.shape[-1])
@@ -90,10 +91,47 @@ def accumulate_hessian(
             part = x[i : i + chunk]
             H.add_((part.T @ part).float(), alpha=2 / (n + m))
         return H, n + m
-    x = x.float()
-    with _bf16_matmul_of_bf16_values() if low else nullcontext():
-        H.addmm_(x.T, x, alpha=2 / (n + m))
+    if not low:
+        add_gram(H, x.float(), 2 / (n + m))
+        return H, n + m
+    # bf16 values widened to float32 a slice at a time into one reused buffer (a fresh float32
+    # copy of all of x costs as much as the product's page faults and memory traffic)
+    buf = torch.empty(min(chunk, m), x.shape[1], dtype=torch.float32, device=x.device)
+    with _bf16_matmul_of_bf16_values():
+        for i in range(0, m, chunk):
+            part = buf[: min(chunk, m - i)]
+            part.copy_(x[i : i + chunk])
+            add_gram(H, part, 2 / (n + m))
     return H, n + m
+
+
+def symmetric_blocks(d: int, blocks: int = 4) -> list[tuple[int, int]]:
+    """``blocks`` column ranges covering ``[0, d)`` for the block-triangular products below."""
+    step = max(1, math.ceil(d / blocks))
+    return [(i, min(i + step, d)) for i in range(0, d, step)]
+
+
+def add_gram(H: torch.Tensor, x: torch.Tensor, alpha: float) -> None:
+    """``H += alpha * x^T x`` computing only the block upper triangle (5/8 of the products for 4
+    blocks) and mirroring it: ``x^T x`` is symmetric, and each entry is the same dot product of
+    two columns either way."""
+    ranges = symmetric_blocks(H.shape[0])
+    for i0, i1 in ranges:
+        H[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:], alpha=alpha)
+    for i0, i1 in ranges[1:]:
+        H[i0:i1, :i0] = H[:i0, i0:i1].T
+
+
+def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
+    """The upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``), from one factorisation.
+
+    With ``P`` the order reversal and ``P H P = L L^T``: ``H^-1 = P L^-T L^-1 P = U^T U`` for
+    ``U = P L^-1 P``, which is upper triangular with a positive diagonal, hence the Cholesky
+    factor (the reference code's ``cholesky(cholesky_inverse(cholesky(H)), upper=True)`` computes
+    the same matrix with two more factorisations)."""
+    L = torch.linalg.cholesky(H.flip(0, 1))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:
@@ -121,7 +159,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> Quantize
 
     H.diagonal().add_(cfg.damp_percent * torch.mean(torch.diag(H)))
     try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        Hinv = inverse_cholesky_upper(H)
     except torch.linalg.LinAlgError as exc:
         raise ValueError(f"Hessian is not positive definite; raise damp_percent ({exc})") from None
 
@@ -130,33 +168,39 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> Quantize
     Wt = W.T.contiguous()
     Qt = torch.zeros_like(Wt)
     maxq = 2**bits - 1
-    group_of = torch.zeros(cols, dtype=torch.int32)  # group of each column, in processing order
+    # group of each column, in processing order
+    if cfg.static_groups:
+        source = perm if perm is not None else torch.arange(cols)
+        group_of = (source // gs).to(torch.int32)
+    else:
+        group_of = (torch.arange(cols) // gs).to(torch.int32)
+    static_of = group_of.tolist()
     s = z = None
+    tmp = torch.empty(out)
     for i1 in range(0, cols, cfg.block_size):
         i2 = min(i1 + cfg.block_size, cols)
         W1 = Wt[i1:i2].clone()
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        diag = Hinv1.diagonal().tolist()
         for i in range(i2 - i1):
             col = i1 + i
             if cfg.static_groups:
-                g = int(perm[col] if perm is not None else col) // gs
+                g = static_of[col]
                 s, z = scales[:, g], zeros[:, g]
-            else:
+            elif col % gs == 0:
                 g = col // gs
-                if col % gs == 0:
-                    # the group's columns as updated so far (in this block, then later ones)
-                    group = torch.cat([W1[i : i + gs], Wt[i2 : col + gs]]).T
-                    s2, z2 = scale_zero(group, bits, sym)
-                    s, z = s2[:, 0], z2[:, 0]
-                    scales[:, g], zeros[:, g] = s, z
-            w = W1[i]
-            q = torch.clamp(torch.round(w / s) + z, 0, maxq)
-            Qt[col] = q
-            group_of[col] = g
-            err = (w - s * (q - z)) / Hinv1[i, i]
+                # the group's columns as updated so far (in this block, then later ones)
+                group = torch.cat([W1[i : i + gs], Wt[i2 : col + gs]]).T
+                s2, z2 = scale_zero(group, bits, sym)
+                s, z = s2[:, 0], z2[:, 0]
+                scales[:, g], zeros[:, g] = s, z
+            w, q, err = W1[i], Qt[col], Err1[i]
+            # q = clamp(round(w / s) + z, 0, maxq); err = (w - s * (q - z)) / Hinv[col, col]
+            torch.div(w, s, out=q).round_().add_(z).clamp_(0, maxq)
+            torch.sub(q, z, out=tmp).mul_(s)
+            torch.sub(w, tmp, out=err).div_(diag[i])
             W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
-            Err1[i] = err
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
     Q = Qt.T
 
