@@ -10,9 +10,11 @@ alpha on a grid of ``n_grid`` points in [0, 1), minimising the output error of t
     H = 2 X^T X / n,
 
 which quantlab evaluates from the layer's Hessian ``H`` (d x d) instead of re-running the layers
-on every token. ``s`` is folded into the producer of ``X`` (a norm's weight, or the rows of the
-previous linear) and into the linears' columns, so the unquantized function is unchanged. Then, as
-llm-awq's ``auto_clip``, each (row, group) gets the clipping range ``max|w| * (1 - i / n_grid)``,
+on every token (on CPU the grid is first screened with bf16 products and the float32 criterion
+decides among the ``screen`` best). ``s`` is folded into the producer of ``X`` (a norm's
+weight, or the rows of the previous linear) and into the linears' columns, so the unquantized
+function is unchanged. Then, as llm-awq's ``auto_clip``, each (row, group) gets the clipping
+range ``max|w| * (1 - i / n_grid)``,
 ``i < max_shrink * n_grid``, minimising that group's output error (the group's diagonal block of
 ``H``); q_proj and k_proj are not clipped (``ArchSpec.no_clip``). Quantization is asymmetric RTN.
 
@@ -61,9 +63,9 @@ class AWQConfig:
 def output_error(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """``tr(dW H dW^T)``: the summed squared output error of a weight error ``dW`` (out, in).
 
-    A bfloat16 ``H`` (the search's fast mode) multiplies in bf16 (8 significant bits, float32
-    sums inside the product): several times faster on CPUs with bf16 units, and precise enough to
-    rank search candidates; the final sum is float32 either way."""
+    A bfloat16 ``H`` (the search's screening and fast mode) multiplies in bf16 (8 significant
+    bits, float32 sums inside the product): several times faster on CPUs with bf16 units, and
+    precise enough to rank search candidates; the final sum is float32 either way."""
     from quantlab.methods.gptq import symmetric_blocks
 
     # H is symmetric: sum over the block upper triangle, off-diagonal blocks twice (5/8 of the
