@@ -90,10 +90,17 @@ def _ray_worker_pids(task_prefix: str) -> list[int]:
 
 @pytest.mark.slow
 def test_ray_sweep_matches_the_local_executor_and_survives_a_killed_task(
-    ray_cluster, tiny_models, tmp_path
+    ray_cluster, tiny_models, tmp_path, monkeypatch
 ):
+    # the same torch thread count in both runs (Ray gives a task ``num_cpus`` threads): with it
+    # the arithmetic, and so every number, is the same
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     local = _config(tiny_models, tmp_path / "local", "local")
-    run_sweep(local, store_path=local.store)
+    try:
+        run_sweep(local, store_path=local.store)
+    finally:
+        torch.set_num_threads(threads)
     expected = _rows(Path(local.store))
     assert len(expected) == 4
 
@@ -115,9 +122,7 @@ def test_ray_sweep_matches_the_local_executor_and_survives_a_killed_task(
         on_ray,
         store_path=on_ray.store,
         executor="ray",
-        # as many CPUs per task as this process has threads: Ray gives a task that many torch
-        # threads, and with the same thread count the arithmetic is the same as the local run's
-        resources=TaskResources(cpus=torch.get_num_threads(), max_retries=2),
+        resources=TaskResources(cpus=2, max_retries=2),
     )
     killer.join()
     assert killed, "no quantize task was seen running"
@@ -134,6 +139,18 @@ def test_ray_sweep_matches_the_local_executor_and_survives_a_killed_task(
     # attempt left)
     out = Path(on_ray.output) / "onray"
     assert not list(out.glob(".*tmp-*"))
+
+
+def test_tasks_no_node_can_hold_are_refused_instead_of_waiting_forever(
+    ray_cluster, tiny_models, tmp_path
+):
+    from quantlab.errors import QuantlabError
+
+    config = _config(tiny_models, tmp_path, "toobig")
+    with pytest.raises(QuantlabError, match="declares 1 GPU.* lower --task-gpus"):
+        run_sweep(config, executor="ray", resources=TaskResources(cpus=1, gpus=1))
+    with pytest.raises(QuantlabError, match="declares 64 CPU.* lower --task-cpus"):
+        run_sweep(config, executor="ray", resources=TaskResources(cpus=64))
 
 
 def test_ray_options_are_refused_for_the_local_executor(tiny_models, tmp_path, capsys):

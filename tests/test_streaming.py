@@ -80,6 +80,27 @@ def test_streaming_writes_the_same_checkpoint_as_the_in_memory_path(
     assert not list(tmp_path.glob(".*tmp-*"))
 
 
+def test_streaming_writes_like_the_in_memory_path_when_the_config_names_no_dtype(tmp_path):
+    """fp16 shards, config without dtype: both paths write the float32 the model loads as."""
+    src = write_synthetic_model(
+        tmp_path / "synth", hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2
+    )
+    config = json.loads((src / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (src / "config.json").write_text(json.dumps(config))
+    ref = resolve_model(str(src))
+    rtn = get_method("rtn").config_cls(bits=4, group_size=64)
+    hf = load_model(ref)
+    result = quantize_model(hf, ref.folder.arch, "rtn", rtn, None, progress=False)
+    write_checkpoint("gptq", result, hf, ref, tmp_path / "memory")
+    quantize_streaming(ref, "rtn", rtn, None, "gptq", tmp_path / "stream", progress=False)
+    a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
+    assert a["model.embed_tokens.weight"].dtype == torch.float32
+    assert set(a) == set(b)
+    for name in a:
+        assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name
+
+
 def test_streaming_refuses_what_it_cannot_write_before_any_work(tiny_models, tmp_path, capsys):
     model = str(tiny_models["tiny-llama"])
     args = ["quantize", model, "--method", "rtn", "--streaming", "--out", str(tmp_path / "o")]

@@ -79,7 +79,6 @@ def test_shipped_configs_load(name):
         (lambda c: c["variants"].append({"method": "gptq", "impl": "autogptq"}), "impl must be"),
         (lambda c: c.update(name="../escape"), "run name '../escape': use letters"),
         (lambda c: c["variants"][1].update(streaming=True), "streaming applies to quantlab's"),
-        (lambda c: c["calibration"].update(device="tpu"), "device must be cpu or cuda"),
         (lambda c: c["variants"].append({"method": "rtn", "name": ".."}), "variant name '..'"),
         (
             lambda c: c["variants"].append(
@@ -352,18 +351,21 @@ def test_plan_for_llama3_8b_from_its_config_alone(tmp_path, capsys):
     assert "gguf Q4_K_M" in out and "most bits that fit: gguf Q6_K" in out
 
 
-def test_result_keys_ignore_streaming_and_the_default_device(tiny_models, tmp_path):
-    """Streaming writes the same tensors, and keys stored before ``calibration.device`` existed
-    stay valid; a GPU calibration is a different result."""
+def test_result_keys_ignore_streaming_but_not_the_method_code_version(
+    tiny_models, tmp_path, monkeypatch
+):
+    """Streaming writes the same tensors, so it shares the in-memory result; a change of the
+    methods' arithmetic (METHODS_VERSION) must not reuse rows of the older code."""
+    from quantlab.workbench import pipeline
     from quantlab.workbench.config import parse_run_config
-    from quantlab.workbench.pipeline import result_key
 
-    def key(variant: dict, **calibration) -> str:
-        raw = _tiny_config(tiny_models, tmp_path, variants=[variant])
-        raw["calibration"].update(calibration)
-        config = parse_run_config(raw)
-        return result_key(config.variants[0], config, "sha")
+    def key(variant: dict) -> str:
+        config = parse_run_config(_tiny_config(tiny_models, tmp_path, variants=[variant]))
+        return pipeline.result_key(config.variants[0], config, "sha")
 
     gptq = {"method": "gptq", "bits": 4, "group_size": 64, "format": "gptq"}
-    assert key(gptq) == key({**gptq, "streaming": True}) == key(gptq, device="cpu")
-    assert key(gptq) != key(gptq, device="cuda")
+    before = key(gptq)
+    assert before == key({**gptq, "streaming": True})
+    unquantized = key({})
+    monkeypatch.setattr(pipeline, "METHODS_VERSION", pipeline.METHODS_VERSION + 1)
+    assert key(gptq) != before and key({}) == unquantized

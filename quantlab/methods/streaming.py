@@ -14,11 +14,12 @@ calibration activations (n_samples x seq_len x hidden in ``calib_dtype``, inputs
 one block), and the per-linear importance matrix (in_features floats each). Packed tensors go
 to disk as soon as a block is done (`ShardWriter`). None of it grows with the number of blocks.
 
-Output: the same GPTQ (v1/v2) or AWQ checkpoint folder as `write_checkpoint`, written atomically
-(a killed run leaves only a temporary folder), with one difference: every tensor that is not a
-quantized linear is copied exactly as the source stores it (the in-memory path writes the loaded
-model's tensors in the config's dtype, which is the same thing whenever the config names the dtype
-the shards hold).
+Output: the same GPTQ (v1/v2) or AWQ checkpoint folder as `write_checkpoint`, tensor for
+tensor, written atomically (a killed run leaves only a temporary folder); tensors that are not
+quantized linears are written in the config's dtype (float32 if it names none), as the in-memory
+path writes the loaded model's.
+
+`bound_allocator` changes glibc's mmap threshold for the rest of the process (see there).
 """
 
 from __future__ import annotations
@@ -103,6 +104,13 @@ class ShardWriter:
         self._header: dict[str, dict] = {}
         self._data = None  # the open data file of the shard being filled
         self._offset = 0
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._data is not None:  # a failure mid-shard: the folder is discarded anyway
+            self._data.close()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().cpu().contiguous()
@@ -304,14 +312,20 @@ def quantize_streaming(
     n_blocks = len(blocks)
     outer = [n for n in source.names() if not n.startswith(arch.blocks + ".")]
     dtype = getattr(torch, calib_dtype)
-    source_cfg, _ = source_config(model_ref)
+    source_cfg, stored_dtype = source_config(model_ref)
+    # what the in-memory writer does: the loaded (float32) model's tensors in the config's dtype,
+    # float32 when the config names none
+    out_dtype = stored_dtype or torch.float32
+
+    def as_written(t: torch.Tensor) -> torch.Tensor:
+        return t.to(out_dtype) if t.is_floating_point() else t
+
     hidden = kwargs = None
     imatrix: dict[str, list] = {}
     summaries: dict[str, WeightSummary] = {}
     records: dict[str, object] = {}
     out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        writer = ShardWriter(tmp, max_shard_bytes)
+    with atomic_directory(out_dir) as tmp, ShardWriter(tmp, max_shard_bytes) as writer:
         if calibration is not None:
             embed = model.get_submodule(arch.embed)
             _load_module(embed, arch.embed, source, device)
@@ -356,6 +370,8 @@ def quantize_streaming(
             for name, tensor in stored.items():
                 if name in modified:  # AWQ-scaled norms stay float32: nothing is rounded again
                     tensor = block.get_parameter(name[len(prefix) + 1 :]).detach().float()
+                else:
+                    tensor = as_written(tensor)
                 writer.add(name, tensor)
             for name, tensor in packed.items():
                 writer.add(name, tensor)
@@ -368,7 +384,7 @@ def quantize_streaming(
         stages["blocks"] = time.perf_counter() - start - stages.get("capture", 0.0)
         for name in outer:  # embedding, final norm, head: as stored, one at a time
             for key, tensor in source.read([name]).items():
-                writer.add(key, tensor)
+                writer.add(key, as_written(tensor))
         files = writer.close()
         result = QuantizationResult(
             method,

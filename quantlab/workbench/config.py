@@ -58,15 +58,12 @@ class CalibrationSpec:
     seed: int = 0
     dtype: str = "float32"  # dtype of the calibration forward passes (bfloat16 is ~2x faster)
     allow_fallback: bool = False  # use the embedded pydoc corpus when the corpus is unavailable
-    device: str = "cpu"  # where the block passes run (quantlab methods, importance matrix)
 
     def __post_init__(self) -> None:
         if self.n_samples < 1 or self.seq_len < 8:
             raise ConfigError("calibration: n_samples must be >= 1 and seq_len >= 8")
         if self.dtype not in ("float32", "bfloat16"):
             raise ConfigError(f"calibration.dtype must be float32 or bfloat16, got {self.dtype!r}")
-        if self.device not in ("cpu", "cuda"):
-            raise ConfigError(f"calibration.device must be cpu or cuda, got {self.device!r}")
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,6 @@ def result_key(variant: Variant, config: RunConfig, model_sha256: str, data_root
     from quantlab.eval.harness import METRICS_VERSION
 
     calibration = dataclasses.asdict(config.calibration) if variant.needs_calibration else None
-    if calibration and calibration["device"] == "cpu":
-        del calibration["device"]  # keys from before the setting existed stay valid
     parts = {
         "variant": json.loads(variant.settings_key()),
         "calibration": calibration,
@@ -78,7 +76,15 @@ def result_key(variant: Variant, config: RunConfig, model_sha256: str, data_root
         "quantlab": __version__,
         "metrics": METRICS_VERSION,
     }
+    if variant.method and variant.impl == "quantlab":
+        parts["methods"] = METHODS_VERSION
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+# Bumped when quantlab's methods produce different tensors for the same settings, so that stored
+# results of the older code are not taken for the current code's (2: the faster GPTQ/AWQ arithmetic
+# of 2026-11-28, equal to ~1e-7 but not bit for bit, and AWQ's screened search).
+METHODS_VERSION = 2
 
 
 class _Shared:
@@ -117,30 +123,20 @@ class _Shared:
 
             _, calib = self.calibration()
             model = load_model(self.model_ref)
-            c = self.config.calibration
-            _check_device(c.device)
             self._imatrix = collect_imatrix(
-                model,
-                self.model_ref.folder.arch,
-                calib,
-                calib_dtype=c.dtype,
-                device=c.device,
+                model, self.model_ref.folder.arch, calib, calib_dtype=self.config.calibration.dtype
             )
         return self._imatrix
 
 
-def _check_device(device: str) -> None:
-    import torch
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise QuantlabError(
-            "calibration.device is cuda but this process sees no CUDA GPU (on Ray: declare "
-            "--task-gpus 1 so that a task gets one)"
-        )
-
-
 def _remove(path: Path) -> None:
-    """Remove a leftover artifact: a folder, or a .gguf file with its manifest and imatrix."""
+    """Remove a leftover artifact: a folder, or a .gguf file with its manifest and imatrix, and
+    the temporary folders of writes that were killed before they finished."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
     if path.is_dir():
         shutil.rmtree(path)
         return
@@ -200,8 +196,6 @@ def produce(variant: Variant, shared: _Shared, out: Path) -> tuple[str, str]:
     spec = get_method(variant.method)
     method_config = spec.config_cls(**variant.method_options())
     calibration = shared.calibration()[1] if spec.needs_calibration else None
-    device = shared.config.calibration.device if calibration is not None else "cpu"
-    _check_device(device)
     fmt = "gptq_v2" if variant.format == "gptq" and variant.gptq_format == "v2" else variant.format
     if variant.streaming:
         from quantlab.methods.streaming import quantize_streaming
@@ -214,7 +208,6 @@ def produce(variant: Variant, shared: _Shared, out: Path) -> tuple[str, str]:
             fmt,
             out,
             calib_dtype=shared.config.calibration.dtype,
-            device=device,
         )
         return str(done.out_dir), fmt
     model = load_model(model_ref)
@@ -225,7 +218,6 @@ def produce(variant: Variant, shared: _Shared, out: Path) -> tuple[str, str]:
         method_config,
         calibration,
         calib_dtype=shared.config.calibration.dtype,
-        device=device,
     )
     if variant.format == "native":
         return str(write_native(result, model_ref, out)), "native"

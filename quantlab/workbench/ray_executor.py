@@ -134,8 +134,8 @@ def connect(address: str | None):
     return ray
 
 
-def _largest_node_memory(ray) -> float:
-    sizes = [n["Resources"].get("memory", 0) for n in ray.nodes() if n.get("Alive")]
+def _largest_node(ray, resource: str) -> float:
+    sizes = [n["Resources"].get(resource, 0) for n in ray.nodes() if n.get("Alive")]
     return max(sizes, default=0)
 
 
@@ -162,12 +162,23 @@ def run_on_ray(
     resources = resources or TaskResources()
     weights = sum(f.stat().st_size for f in model_ref.folder.weight_files)
     memory = resources.memory_bytes or estimate_task_memory(weights)
-    largest = _largest_node_memory(ray)
+    largest = _largest_node(ray, "memory")
     if largest and memory > largest:
         raise QuantlabError(
             f"each variant task needs about {memory / GiB:.1f} GiB but the largest Ray node "
             f"offers {largest / GiB:.1f} GiB; pass --task-memory to declare less"
         )
+    # Ray would leave a task no node can ever hold pending forever
+    for resource, wanted, option in (
+        ("CPU", resources.cpus, "--task-cpus"),
+        ("GPU", resources.gpus, "--task-gpus"),
+    ):
+        have = _largest_node(ray, resource)
+        if wanted > have:
+            raise QuantlabError(
+                f"each variant task declares {wanted:g} {resource}(s) but the largest Ray node "
+                f"has {have:g}; lower {option}"
+            )
     options = {
         "num_cpus": resources.cpus,
         "num_gpus": resources.gpus,
@@ -224,6 +235,8 @@ def run_on_ray(
                 finished += 1
                 stage(min(finished + 1, len(todo)), variant.name, f"{len(pending)} left on Ray")
     finally:
+        if shared_ref is not None:
+            ray.cancel(shared_ref, force=True)  # a no-op once it has finished
         for ref in pending:  # an error stops the sweep: do not leave work running
             ray.cancel(ref, force=True)
         for _, q in pending.values():
