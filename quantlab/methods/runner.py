@@ -203,6 +203,24 @@ def _capture_first_block_inputs(model, arch: ArchSpec, ids: torch.Tensor, dtype,
     return cast(captured["hidden"]), kwargs
 
 
+def quantize_block(spec, config, prefix, block, arch, hidden, kwargs, imatrix, *, dtype, device):
+    """Quantize one block with method ``spec``; returns its `BlockContext` (the quantized weights,
+    changed parameters, records) and the block's outputs, the next block's inputs (``hidden`` is
+    None without calibration). The one per-block step of `quantize_model` and of streaming."""
+    calibrated = hidden is not None
+    compute = block
+    if calibrated and (dtype != torch.float32 or device != "cpu"):
+        compute = copy.deepcopy(block).to(device=device, dtype=dtype)
+    ctx = BlockContext(prefix, block, compute, arch, hidden, kwargs, imatrix)
+    if calibrated and not spec.needs_calibration:
+        ctx.forward()  # RTN with calibration: the pass only gathers the importance matrix
+    spec.quantize_block(ctx, config)
+    if calibrated:
+        hidden = ctx.forward() if ctx.outputs_stale else ctx.outputs
+    ctx.compute = None  # the compute copy is not needed past this point
+    return ctx, hidden
+
+
 def quantize_model(
     model,
     arch: ArchSpec,
@@ -250,22 +268,16 @@ def quantize_model(
     for i in bar:
         prefix = f"{arch.blocks}.{i}"
         block = blocks[i]
-        compute = block
-        if calibration is not None and (dtype != torch.float32 or device != "cpu"):
-            compute = copy.deepcopy(block).to(device=device, dtype=dtype)
-        ctx = BlockContext(prefix, block, compute, arch, hidden, kwargs, imatrix)
-        if calibration is not None and not spec.needs_calibration:
-            ctx.forward()  # RTN with calibration: the pass only gathers the importance matrix
-        spec.quantize_block(ctx, config)
-        if calibration is not None:
-            hidden = ctx.forward() if ctx.outputs_stale else ctx.outputs
+        ctx, hidden = quantize_block(
+            spec, config, prefix, block, arch, hidden, kwargs, imatrix, dtype=dtype, device=device
+        )
         for name, qw in ctx.quantized.items():
             result.weights[f"{prefix}.{name}"] = qw
         for name in ctx.modified:
             result.modified[f"{prefix}.{name}"] = block.get_parameter(name).detach().clone()
         if ctx.records:
             result.records[prefix] = ctx.records[0] if len(ctx.records) == 1 else ctx.records
-        del compute, ctx
+        del ctx
     result.imatrix = {k: (v[0] / v[1]).float() for k, v in imatrix.items() if v[1]}
     result.imatrix_tokens = next((v[1] for v in imatrix.values()), 0)
     if calibration is not None:

@@ -24,7 +24,6 @@ path writes the loaded model's.
 
 from __future__ import annotations
 
-import copy
 import json
 import sys
 import time
@@ -284,9 +283,9 @@ def quantize_streaming(
     )
     from quantlab.methods import get_method
     from quantlab.methods.runner import (
-        BlockContext,
         QuantizationResult,
         _capture_first_block_inputs,
+        quantize_block,
     )
 
     if fmt == "native":
@@ -349,15 +348,18 @@ def quantize_streaming(
             stored = _load_module(block, prefix, source, device)
             linear_weights = {f"{prefix}.{name}.weight" for name in arch.linears}
             stored = {n: t for n, t in stored.items() if n not in linear_weights}  # packed later
-            compute = block
-            if calibration is not None and (dtype != torch.float32 or device != "cpu"):
-                compute = copy.deepcopy(block).to(device=device, dtype=dtype)
-            ctx = BlockContext(prefix, block, compute, arch, hidden, kwargs, imatrix)
-            if calibration is not None and not spec.needs_calibration:
-                ctx.forward()  # RTN with calibration: the pass only gathers the importance matrix
-            spec.quantize_block(ctx, config)
-            if calibration is not None:
-                hidden = ctx.forward() if ctx.outputs_stale else ctx.outputs
+            ctx, hidden = quantize_block(
+                spec,
+                config,
+                prefix,
+                block,
+                arch,
+                hidden,
+                kwargs,
+                imatrix,
+                dtype=dtype,
+                device=device,
+            )
             weights = {f"{prefix}.{name}": qw for name, qw in ctx.quantized.items()}
             for name, qw in weights.items():
                 summaries[name] = WeightSummary.of(qw)
@@ -378,7 +380,7 @@ def quantize_streaming(
             if ctx.records:
                 records[prefix] = ctx.records[0] if len(ctx.records) == 1 else ctx.records
             block.to("meta")
-            del compute, ctx, stored, weights, packed
+            del ctx, stored, weights, packed
             release_memory()
         bar.close()
         stages["blocks"] = time.perf_counter() - start - stages.get("capture", 0.0)
