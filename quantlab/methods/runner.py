@@ -203,7 +203,7 @@ def _capture_first_block_inputs(model, arch: ArchSpec, ids: torch.Tensor, dtype,
     return cast(captured["hidden"]), kwargs
 
 
-def quantize_block(spec, config, prefix, block, arch, hidden, kwargs, imatrix, *, dtype, device):
+def run_block(spec, config, prefix, block, arch, hidden, kwargs, imatrix, *, dtype, device):
     """Quantize one block with method ``spec``; returns its `BlockContext` (the quantized weights,
     changed parameters, records) and the block's outputs, the next block's inputs (``hidden`` is
     None without calibration). The one per-block step of `quantize_model` and of streaming."""
@@ -268,7 +268,7 @@ def quantize_model(
     for i in bar:
         prefix = f"{arch.blocks}.{i}"
         block = blocks[i]
-        ctx, hidden = quantize_block(
+        ctx, hidden = run_block(
             spec, config, prefix, block, arch, hidden, kwargs, imatrix, dtype=dtype, device=device
         )
         for name, qw in ctx.quantized.items():

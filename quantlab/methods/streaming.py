@@ -285,7 +285,7 @@ def quantize_streaming(
     from quantlab.methods.runner import (
         QuantizationResult,
         _capture_first_block_inputs,
-        quantize_block,
+        run_block,
     )
 
     if fmt == "native":
@@ -348,7 +348,7 @@ def quantize_streaming(
             stored = _load_module(block, prefix, source, device)
             linear_weights = {f"{prefix}.{name}.weight" for name in arch.linears}
             stored = {n: t for n, t in stored.items() if n not in linear_weights}  # packed later
-            ctx, hidden = quantize_block(
+            ctx, hidden = run_block(
                 spec,
                 config,
                 prefix,
