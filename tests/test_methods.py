@@ -277,10 +277,11 @@ def test_block_triangular_hessian_equals_the_full_product(dtype):
     assert torch.allclose(H.double(), expected, rtol=1e-5, atol=1e-5 * expected.abs().max())
 
 
-def test_inverse_cholesky_upper_is_the_cholesky_factor_of_the_inverse():
+@pytest.mark.parametrize("d", [160, 600])  # one and three levels of the recursive inverse
+def test_inverse_cholesky_upper_is_the_cholesky_factor_of_the_inverse(d):
     from quantlab.methods.gptq import inverse_cholesky_upper
 
-    x = correlated_inputs(n=4096, d=160)
+    x = correlated_inputs(n=4096, d=d)
     H = accumulate_hessian(None, 0, x)[0].double()
     H.diagonal().add_(0.01 * H.diagonal().mean())
     U = inverse_cholesky_upper(H)
@@ -312,3 +313,67 @@ def test_chunked_bit_packing_equals_one_pass(monkeypatch):
         assert torch.equal(packing.pack_bits(c, bits), whole)
         monkeypatch.undo()
         assert torch.equal(packing.unpack_bits(whole, bits, 200), c)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-mistral"])
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_calibration_forward_in_chunks_gives_the_same_quantization(
+    tiny_models, calibration, monkeypatch, name, method
+):
+    """The calibration forward runs the batch in chunks that stop at every input group
+    (`runner._chunked_forward`): the same codes, scales, AWQ changes and imatrix as one pass."""
+    from quantlab.methods import runner
+
+    model_ref = resolve_model(str(tiny_models[name]))
+    config = get_method(method).config_cls(bits=4, group_size=64)
+    chunks, results = [], []
+    slices = runner._batch_slices
+    monkeypatch.setattr(runner, "_batch_slices", lambda *a: chunks.append(slices(*a)) or chunks[-1])
+    for tokens in (10**6, 64):  # one pass; then one chunk per 64-token sequence
+        monkeypatch.setattr(runner, "CHUNK_TOKENS", tokens)
+        model = load_model(model_ref)
+        arch = arch_spec(model.config.architectures[0])
+        results.append(quantize_model(model, arch, method, config, calibration, progress=False))
+    assert {len(c) for c in chunks} == {1, 4}
+    one, chunked = results
+    assert set(one.weights) == set(chunked.weights)
+    for key, qw in one.weights.items():
+        other = chunked.weights[key]
+        assert torch.equal(qw.qweight, other.qweight) and torch.equal(qw.scales, other.scales)
+        assert torch.equal(qw.zeros, other.zeros)
+    for key in one.imatrix:
+        assert torch.equal(one.imatrix[key], chunked.imatrix[key])
+    assert one.imatrix_tokens == chunked.imatrix_tokens == 4 * 64
+    assert set(one.modified) == set(chunked.modified)
+    for key in one.modified:
+        assert torch.equal(one.modified[key], chunked.modified[key])
+
+
+def test_an_error_at_a_stop_unwinds_every_chunk_and_leaves_no_hook(tiny_models, calibration):
+    from quantlab.methods import runner
+
+    model = load_model(resolve_model(str(tiny_models["tiny-llama"])))
+    arch = arch_spec("LlamaForCausalLM")
+    ids = torch.as_tensor(calibration.input_ids)
+    hidden, kwargs = runner._capture_first_block_inputs(model, arch, ids, torch.float32, "cpu")
+    block = model.model.layers[0]
+    stops = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj"]
+    seen = []
+
+    def at_stop(name, xs):
+        seen.append((name, len(xs), sum(len(x) for x in xs)))
+        if name == "mlp.gate_proj":
+            raise ValueError("boom")
+
+    runner.CHUNK_TOKENS, before = 64, runner.CHUNK_TOKENS
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            runner._chunked_forward(block, hidden, kwargs, stops, at_stop)
+        assert seen == [(name, 4, 4) for name in stops[:3]]  # 4 chunks, 4 sequences in all
+        assert not any(m._forward_pre_hooks for m in block.modules())
+        out = runner._chunked_forward(block, hidden, kwargs, [], lambda *a: None)
+    finally:
+        runner.CHUNK_TOKENS = before
+    with torch.inference_mode():
+        want = block(hidden, **kwargs)
+    assert torch.equal(out, want[0] if isinstance(want, tuple) else want)

@@ -130,8 +130,30 @@ def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
     factor (the reference code's ``cholesky(cholesky_inverse(cholesky(H)), upper=True)`` computes
     the same matrix with two more factorisations)."""
     L = torch.linalg.cholesky(H.flip(0, 1))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    return torch.linalg.solve_triangular(L, eye, upper=False).flip(0, 1)
+    return lower_triangular_inverse(L).flip(0, 1)
+
+
+def lower_triangular_inverse(L: torch.Tensor, leaf: int = 128) -> torch.Tensor:
+    """``L^-1`` for a lower-triangular ``L``: ``[[A, 0], [B, C]]^-1 = [[A^-1, 0], [-C^-1 B A^-1,
+    C^-1]]``, the halves inverted recursively and the corner from two matrix products, down to
+    ``leaf`` rows solved against the identity. About n^3/3 multiply-adds, nearly all in matrix
+    products, where one triangular solve against the identity does n^3/2 at a lower rate (2.1x
+    faster at n = 1536 on this machine; equal to ~5e-8 relative)."""
+    out = torch.zeros_like(L)
+
+    def invert(lo: int, hi: int) -> None:
+        n = hi - lo
+        if n <= leaf:
+            eye = torch.eye(n, dtype=L.dtype, device=L.device)
+            out[lo:hi, lo:hi] = torch.linalg.solve_triangular(L[lo:hi, lo:hi], eye, upper=False)
+            return
+        mid = lo + n // 2
+        invert(lo, mid)
+        invert(mid, hi)
+        out[mid:hi, lo:mid] = -(out[mid:hi, mid:hi] @ (L[mid:hi, lo:mid] @ out[lo:mid, lo:mid]))
+
+    invert(0, L.shape[0])
+    return out
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> QuantizedWeight:

@@ -83,8 +83,9 @@ def result_key(variant: Variant, config: RunConfig, model_sha256: str, data_root
 
 # Bumped when quantlab's methods produce different tensors for the same settings, so that stored
 # results of the older code are not taken for the current code's (2: the faster GPTQ/AWQ arithmetic
-# of 2026-11-28, equal to ~1e-7 but not bit for bit, and AWQ's screened search).
-METHODS_VERSION = 2
+# of 2026-11-28, equal to ~1e-7 but not bit for bit, and AWQ's screened search; 3: GPTQ's
+# triangular inverse from matrix products, equal to ~5e-8).
+METHODS_VERSION = 3
 
 
 class _Shared:
