@@ -243,12 +243,19 @@ def test_natural_groups_are_recognised_once_per_tensor():
     tk = _triton()
     natural = torch.arange(352, dtype=torch.int32) // 64  # partial last group
     assert tk.natural_group(natural) == 64
+    assert tk._NATURAL[id(natural)][2] == 64  # remembered for this tensor
+    with torch.inference_mode():  # no version counter: not cached, still right
+        inference = torch.arange(128, dtype=torch.int32) // 32
+    assert tk.natural_group(inference) == 32 and id(inference) not in tk._NATURAL
     assert tk.natural_group(torch.zeros(96, dtype=torch.int32)) == 96  # one group
     shuffled = natural[torch.randperm(352, generator=torch.Generator().manual_seed(0))]
     assert tk.natural_group(shuffled) == 0  # act-order: per-element groups
     natural[:64] = 1  # changed in place: recomputed, not taken from the cache
     assert tk.natural_group(natural) == 0
     assert tk._group(torch.arange(256) // 32, 64) == 0  # a 64-row tile spans two groups
+    key = id(natural)
+    del natural
+    assert key not in tk._NATURAL  # forgotten with the tensor
 
 
 # -- a whole model through the kernels ------------------------------------------------------------

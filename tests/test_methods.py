@@ -371,6 +371,16 @@ def test_an_error_at_a_stop_unwinds_every_chunk_and_leaves_no_hook(tiny_models, 
             runner._chunked_forward(block, hidden, kwargs, stops, at_stop)
         assert seen == [(name, 4, 4) for name in stops[:3]]  # 4 chunks, 4 sequences in all
         assert not any(m._forward_pre_hooks for m in block.modules())
+        import gc
+        import warnings
+
+        import greenlet
+
+        gc.collect()
+        with warnings.catch_warnings():  # isinstance over every object touches deprecated ones
+            warnings.simplefilter("ignore")
+            paused = [g for g in gc.get_objects() if isinstance(g, greenlet.greenlet) and g.parent]
+        assert not [g for g in paused if not g.dead]  # every chunk was unwound
         out = runner._chunked_forward(block, hidden, kwargs, [], lambda *a: None)
     finally:
         runner.CHUNK_TOKENS = before

@@ -244,21 +244,25 @@ _NATURAL: dict[int, tuple] = {}
 
 def natural_group(g_idx: torch.Tensor) -> int:
     """``G`` when ``g_idx[k] == k // G`` for every ``k`` (no act-order), else 0. Computed once
-    per tensor (one device-to-host copy) and remembered while the tensor lives and is unchanged,
-    so a layer's kernels read one row of scales and zeros per tile instead of one per element."""
+    per tensor (one device-to-host copy) and remembered while the tensor lives and its version
+    counter is unchanged (in-place torch writes bump it; writes through ``.data`` or shared numpy
+    memory do not, and are not seen), so a layer's kernels read one row of scales and zeros per
+    tile instead of one per element. Inference-mode tensors have no version counter: computed
+    every call."""
+    cacheable = not g_idx.is_inference()
     key = id(g_idx)
-    hit = _NATURAL.get(key)
+    hit = _NATURAL.get(key) if cacheable else None
     if hit is not None and hit[0]() is g_idx and hit[1] == g_idx._version:
         return hit[2]
     g = g_idx.to("cpu", torch.int64)
     K = len(g)
     ones = (g == 1).nonzero()
     G = int(ones[0]) if len(ones) else K
-    natural = G > 0 and torch.equal(g, torch.arange(K) // G)
-    _NATURAL[key] = (weakref.ref(g_idx, lambda _: _NATURAL.pop(key, None)), g_idx._version, G)
-    if not natural:
-        _NATURAL[key] = (*_NATURAL[key][:2], 0)
-    return _NATURAL[key][2]
+    G = G if G > 0 and torch.equal(g, torch.arange(K) // G) else 0
+    if cacheable:
+        ref = weakref.ref(g_idx, lambda _: _NATURAL.pop(key, None))
+        _NATURAL[key] = (ref, g_idx._version, G)
+    return G
 
 
 def _group(g_idx, block_k: int) -> int:
@@ -345,7 +349,8 @@ def matmul_gptq(
     per = 32 // bits
     # tl.dot needs 16 rows of packed words per K tile; a GEMV one
     bk = max(cfg["bk"], per if cfg["gemv"] else 16 * per)
-    bm, bn, split = cfg["bm"], cfg["bn"], cfg["split_k"]
+    bm = cfg["bm"] if cfg["gemv"] else max(16, cfg["bm"])  # tl.dot needs 16 rows of x
+    bn, split = cfg["bn"], cfg["split_k"]
     grid = (M if cfg["gemv"] else triton.cdiv(M, bm), triton.cdiv(N, bn), split)
     if split == 1:
         y = _output(out, (M, N), x.dtype, x.device)

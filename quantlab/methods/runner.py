@@ -17,6 +17,7 @@ returned `QuantizationResult` holds the integer tensors a format writer packs.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
@@ -158,9 +159,10 @@ class BlockContext:
             if on_group_input is not None:
                 on_group_input(group, x)
 
+        stops = list(first_of) if record or on_group_input is not None else []
         self._in_forward = True
         try:
-            out = _chunked_forward(self.compute, self.inputs, self.kwargs, list(first_of), at_group)
+            out = _chunked_forward(self.compute, self.inputs, self.kwargs, stops, at_group)
         finally:
             self._in_forward = False
         self.outputs = out
@@ -196,24 +198,23 @@ def _chunked_forward(module, inputs, kwargs, stops: list[str], at_stop) -> torch
 
     The chunks are greenlets of the calling thread: each runs until its next stop, then hands
     control back, so one thread runs every chunk in turn (one thread per chunk, each with its own
-    allocator arena and OpenMP team, lost most of the gain). Without the ``greenlet`` package,
-    one chunk. An exception in a chunk or in ``at_stop`` ends every chunk and is raised here.
-    The outputs equal one pass over the whole batch (tested); the point is speed."""
+    allocator arena and OpenMP team, lost most of the gain). On a GPU the batch runs whole. An
+    exception in a chunk or in ``at_stop`` ends every chunk and is raised here. On the CPU the
+    outputs equal one pass over the whole batch (tested); the point is speed. Keyword arguments
+    are cut by `_cut`'s shape rule (right for the supported decoder blocks)."""
+    import greenlet
+
     batch = inputs.shape[0]
     slices = _batch_slices(batch, inputs.shape[1] if inputs.dim() > 1 else 1)
-    try:
-        import greenlet
-    except ImportError:  # optional: the same results in one chunk
-        greenlet = None
-    if greenlet is None or len(slices) == 1:
+    if inputs.device.type != "cpu":  # the allocator's reason is the CPU's; a GPU takes it whole
         slices = [slice(0, batch)]
     hooks = []
     if len(slices) == 1:
-        for name in stops:
-            sub = module.get_submodule(name)
-            hook = sub.register_forward_pre_hook(lambda _m, args, n=name: at_stop(n, [args[0]]))
-            hooks.append(hook)
         try:
+            for name in stops:
+                sub = module.get_submodule(name)
+                pause = sub.register_forward_pre_hook(lambda _m, a, n=name: at_stop(n, [a[0]]))
+                hooks.append(pause)
             with torch.inference_mode():
                 out = module(inputs, **kwargs)
         finally:
@@ -234,9 +235,9 @@ def _chunked_forward(module, inputs, kwargs, stops: list[str], at_stop) -> torch
         return ("done", out[0] if isinstance(out, tuple) else out)
 
     chunks = [greenlet.greenlet(lambda sl=sl: work(sl)) for sl in slices]
-    for name in stops:
-        hooks.append(module.get_submodule(name).register_forward_pre_hook(pause(name)))
     try:
+        for name in stops:
+            hooks.append(module.get_submodule(name).register_forward_pre_hook(pause(name)))
         with torch.inference_mode():
             while True:
                 state = [chunk.switch() for chunk in chunks]  # each runs to its next stop or end
@@ -249,11 +250,12 @@ def _chunked_forward(module, inputs, kwargs, stops: list[str], at_stop) -> torch
                     raise RuntimeError(f"calibration chunks stopped at different places: {where}")
                 at_stop(names.pop(), [st[2] for st in state])
     finally:
-        for chunk in chunks:
-            if not chunk.dead:
-                chunk.throw()  # GreenletExit: unwinds the chunk's paused forward
         for hook in hooks:
             hook.remove()
+        for chunk in chunks:
+            if not chunk.dead:  # GreenletExit unwinds the chunk's paused forward; an error while
+                with contextlib.suppress(Exception):  # unwinding must not hide the first one
+                    chunk.throw()
     return torch.cat([st[1] for st in state])
 
 
