@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip install --quiet --constraint constraints.txt
 # Local datasets: the project's shared folder beside the checkout, unless QUANTLAB_DATA says otherwise.
 export QUANTLAB_DATA ?= $(if $(wildcard ../shared/data/SOURCES.md),$(abspath ../shared/data),)
 
-.PHONY: install demo test lint clean
+.PHONY: install demo test check lint clean
 
 install: $(VENV)/.installed
 
@@ -24,6 +24,11 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+# The development loop: every unit and registry test, no default model, toolkits, browser or Ray
+# (under 3 minutes on 2 cores); `make test` (CI) runs everything.
+check: install
+	$(BIN)/python -m pytest -q -n 2 -m "not slow and not toolkit and not browser and not ray"
 
 lint: install
 	$(BIN)/ruff check quantlab tests bench

@@ -50,7 +50,7 @@ def worker(args) -> int:
     if args.impl == "quantlab":
         import torch
 
-        from quantlab.formats.checkpoint import write_checkpoint
+        from quantlab.formats import write_artifact
         from quantlab.methods import get_method
         from quantlab.methods.runner import quantize_model
         from quantlab.models import load_model, resolve_model
@@ -72,7 +72,8 @@ def worker(args) -> int:
             progress=False,
         )
         t0 = time.perf_counter()
-        write_checkpoint("gptq" if args.method == "gptq" else "awq", result, model, source, out)
+        fmt = "gptq" if args.method == "gptq" else "awq"  # the toolkits' own format for the method
+        write_artifact(fmt, out, source, result=result, model=model)
         record = {"seconds": result.seconds, "save_seconds": time.perf_counter() - t0}
     else:
         from quantlab.models import resolve_model

@@ -4,7 +4,9 @@ Importing quantlab is cheap: torch, transformers and every optional backend are 
 functions that need them. See docs/ARCHITECTURE.md for the pipeline and the public types.
 """
 
-__version__ = "0.1.0"
+from quantlab.version import __version__
+
+__all__ = ["__version__", "load"]
 
 
 def load(path, *, dtype: str = "float32", verify: bool = True):

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from quantlab import __version__
 from quantlab.errors import QuantlabError
+from quantlab.version import __version__
 
 DEMO_PROMPT = "The three primary colors are"
 
@@ -115,18 +115,9 @@ def cmd_corpora(args) -> None:
 
 def _calibration(args, model_ref):
     """The corpus and calibration set that the calibration options of ``args`` describe."""
-    from quantlab.data import CalibrationConfig, calibration_for
+    from quantlab.data import calibration_for
 
-    config = CalibrationConfig(
-        corpus=args.calib,
-        split=args.split,
-        n_samples=args.n_samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-    )
-    return calibration_for(
-        model_ref, config, data_root=args.data_root, fallback=args.allow_fallback
-    )
+    return calibration_for(model_ref, _calibration_config(args), data_root=args.data_root)
 
 
 def cmd_calibrate(args) -> None:
@@ -228,41 +219,6 @@ def cmd_eval(args) -> None:
         print(f"wrote {args.json}")
 
 
-def cmd_quantize_gguf(args) -> None:
-    """``--format gguf``: llama.cpp's quantization of the full-precision GGUF, with quantlab's
-    importance matrix from the calibration set when ``--imatrix`` is given."""
-    from quantlab import settings
-    from quantlab.formats.gguf_quant import llama_cpp_artifact, type_mix
-    from quantlab.methods.runner import collect_imatrix
-    from quantlab.models import load_model
-
-    out = Path(args.out)
-    model_ref = _resolve(args)
-    imatrix = calibration = corpus = None
-    if args.imatrix:
-        corpus, calibration = _calibration(args, model_ref)
-        print(f"calibration: {corpus.label}, sha256 {calibration.sha256[:16]}", file=sys.stderr)
-        model = load_model(model_ref)
-        imatrix = collect_imatrix(
-            model, model_ref.folder.arch, calibration, calib_dtype=args.calib_dtype
-        )
-    llama_cpp_artifact(
-        model_ref,
-        out,
-        args.gguf_type,
-        settings.cache_dir(args.cache),
-        imatrix=imatrix,
-        calibration=calibration,
-        corpus_label=corpus.label if corpus else "",
-    )
-    if imatrix:
-        print(
-            f"wrote {out.with_name(out.stem + '.imatrix.gguf')} (llama-quantize --imatrix reads it)"
-        )
-    mix = type_mix(out)
-    print(f"wrote {out}: {', '.join(f'{n} {t}' for t, n in mix.items())}")
-
-
 def cmd_convert(args) -> None:
     """``quantlab convert MODEL --to gguf``: llama.cpp's own converter, output checked."""
     from quantlab import settings
@@ -285,118 +241,141 @@ def cmd_convert(args) -> None:
     print(f"wrote {out} in {seconds:.1f} s: {mix}; tokenizer {checks['tokenizer_parity']}")
 
 
-def _write_lossless_gguf(args, result, model_ref) -> None:
-    """``--format gguf`` with ``--method``: the result's own codes and scales as GGUF blocks."""
-    from quantlab import settings
-    from quantlab.formats.gguf_lossless import lossless_artifact
+def _setting_flags() -> dict[str, list]:
+    """Every settable field of every registered method's config and format's options: field
+    name -> [(owner kind, owner name, dataclass field), ...]. Each becomes one ``quantize`` flag."""
+    from quantlab.formats import formats, option_fields
+    from quantlab.methods import get_method, method_names
 
-    out, types = lossless_artifact(
-        result, model_ref, Path(args.out), settings.cache_dir(args.cache)
+    flags: dict[str, list] = {}
+    for name in method_names():
+        for f in get_method(name).fields():
+            flags.setdefault(f.name, []).append(("method", name, f))
+    for fmt in formats():
+        if fmt.writable:
+            for f in option_fields(fmt):
+                flags.setdefault(f.name, []).append(("format", fmt.name, f))
+    return flags
+
+
+def _value(text: str):
+    """A command-line value whose type the owners of its flag disagree on: a bool, a number or
+    a string, by its shape (the owner's dataclass then checks it)."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _add_setting_flags(p) -> list[str]:
+    """A flag per method/format setting (``--bits``, ``--act-order/--no-act-order``,
+    ``--gptq-format``, ...); returns the field names added. Only flags given on the command
+    line reach the variant, so the method's and format's own defaults apply. A field named like
+    one of quantize's own options (a plugin's) is left to run configs."""
+    kinds = {"int": int, "float": float, "str": str}
+    added = []
+    for name, owners in sorted(_setting_flags().items()):
+        flag = "--" + name.replace("_", "-")
+        types = {str(g.type).split(" ")[0] for _, _, g in owners}
+        where = ", ".join(
+            f"{kind} {owner}" + ("" if g.default is None else f" (default {g.default})")
+            for kind, owner, g in owners
+        )
+        base = types.pop() if len(types) == 1 else "value"  # owners disagree: parse by shape
+        try:
+            if base == "bool":
+                p.add_argument(flag, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=where)  # fmt: skip
+            else:
+                p.add_argument(flag, type=kinds.get(base, _value), default=argparse.SUPPRESS,
+                               metavar=base.upper(), help=where)  # fmt: skip
+        except argparse.ArgumentError:
+            continue
+        added.append(name)
+    if "sym" in added:  # zero points: the usual word for --no-sym
+        p.add_argument("--asym", dest="sym", action="store_false", default=argparse.SUPPRESS,
+                       help="same as --no-sym")  # fmt: skip
+    return added
+
+
+def _calibration_config(args):
+    from quantlab.data import CalibrationConfig
+
+    return CalibrationConfig(
+        corpus=args.calib,
+        split=args.split,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        seed=args.seed,
+        dtype=getattr(args, "calib_dtype", "float32"),
+        allow_fallback=args.allow_fallback,
     )
-    print(f"wrote {out}: {len(types)} linears as {', '.join(sorted(set(types.values())))} blocks")
 
 
-def _check_output_options(args) -> None:
-    """Refuse, before any work, options the chosen output cannot honour."""
-    from quantlab.formats.gguf_quant import GGUF_TYPES
+def _variant(args):
+    """The `Variant` the quantize options describe: the same object, validated the same way, as
+    a run config's variant."""
+    from quantlab.formats import formats, get_format, option_fields
+    from quantlab.methods import get_method
+    from quantlab.workbench.config import parse_variant
+
+    given = {name: getattr(args, name) for name in args.setting_flags if hasattr(args, name)}
+    if not args.method and not args.format:
+        selfmade = [f.name for f in formats() if f.writable and not f.needs_method]
+        raise QuantlabError(
+            f"give --method, or a --format that quantizes by itself ({', '.join(selfmade)})"
+        )
+    owners = set(get_method(args.method).fields() if args.method else [])
+    owned = {f.name for f in owners}
+    if args.format:
+        owned |= {f.name for f in option_fields(get_format(args.format))}
+    for name in given:
+        if name not in owned:
+            what = f"--method {args.method}" if args.method else "no --method"
+            what += f" and --format {args.format}" if args.format else ""
+            raise QuantlabError(f"--{name.replace('_', '-')} does not apply to {what}")
+    data = {"method": args.method, "format": args.format, **given}
+    if args.imatrix:
+        data["imatrix"] = True
+    if args.streaming:
+        data["streaming"] = True
+    return parse_variant(data, "quantize")
+
+
+def cmd_quantize(args) -> None:
+    """``quantlab quantize``: one variant, made by the same code as a sweep's
+    (`quantlab.workbench.produce`)."""
+    from quantlab.formats import get_format
+    from quantlab.workbench.produce import SharedInputs, preflight, produce
 
     out = Path(args.out)
     if out.exists():
         raise QuantlabError(f"{out} already exists; remove it or choose another --out")
-    if args.gguf_type and args.format != "gguf":
-        raise QuantlabError("--gguf-type applies to --format gguf only")
-    if args.gptq_format != "v1" and args.format != "gptq":
-        raise QuantlabError("--gptq-format applies to --format gptq only")
-    if args.format == "gguf":
-        if out.suffix != ".gguf":
-            raise QuantlabError(f"--out for --format gguf is a .gguf file path, got {out}")
-        if args.method and args.gguf_type:
-            raise QuantlabError(
-                "--gguf-type is llama.cpp's quantization (leave out --method); with --method the "
-                "result itself is written as Q4_0/Q4_1/Q8_0 blocks"
-            )
-        if args.method and (args.group_size != 32 or args.act_order):
-            raise QuantlabError(
-                "--format gguf with --method writes GGUF blocks of 32 weights: use --group-size 32 "
-                "and no --act-order"
-            )
-        if not args.method:
-            if not args.gguf_type:
-                raise QuantlabError("--format gguf needs --gguf-type (e.g. Q4_K_M) or --method")
-            if args.gguf_type.upper() not in GGUF_TYPES:
-                raise QuantlabError(f"--gguf-type must be one of {', '.join(GGUF_TYPES)}")
-    if args.streaming and args.format not in ("gptq", "awq"):
+    variant = _variant(args)
+    suffix = get_format(variant.format).suffix
+    if suffix and out.suffix != suffix:
         raise QuantlabError(
-            "--streaming writes --format gptq or awq checkpoints (block by block from the shards)"
+            f"--out for --format {variant.format} is a {suffix} file path, got {out}"
         )
-    if args.format == "awq" and (args.bits != 4 or args.act_order):
-        raise QuantlabError("--format awq (GEMM) holds 4-bit weights without act-order")
-
-
-def cmd_quantize(args) -> None:
-    _check_output_options(args)
-    if args.format == "gguf" and not args.method:
-        return cmd_quantize_gguf(args)
-    if not args.method:
-        raise QuantlabError("--method is required (rtn, gptq or awq) unless --format gguf")
-    from quantlab.formats.checkpoint import read_manifest, write_checkpoint
-    from quantlab.formats.native import write_native
-    from quantlab.methods import get_method
-    from quantlab.methods.runner import quantize_model
-    from quantlab.models import load_model
-
-    spec = get_method(args.method)
-    options = {"bits": args.bits, "group_size": args.group_size}
-    if args.sym is not None:
-        options["sym"] = args.sym
-    if args.method == "gptq":
-        options.update(
-            act_order=args.act_order,
-            static_groups=args.static_groups,
-            damp_percent=args.damp_percent,
-        )
-    elif args.act_order or args.static_groups:
-        raise QuantlabError("--act-order and --static-groups apply to --method gptq only")
-    config = spec.config_cls(**options)
     model_ref = _resolve(args)
-    calibration = None
-    if spec.needs_calibration or args.imatrix:
-        corpus, calibration = _calibration(args, model_ref)
-        print(
-            f"calibration: {corpus.label}, {args.n_samples} x {args.seq_len} tokens, "
-            f"sha256 {calibration.sha256[:16]}",
-            file=sys.stderr,
-        )
-    fmt = "gptq_v2" if args.format == "gptq" and args.gptq_format == "v2" else args.format
-    if args.streaming:
-        from quantlab.methods.streaming import quantize_streaming
-
-        done = quantize_streaming(
-            model_ref, args.method, config, calibration, fmt, args.out, calib_dtype=args.calib_dtype
-        )
-        print(
-            f"{args.method} {config}: {done.linears} linears in {done.blocks} blocks, streamed "
-            f"from the shards in {done.seconds:.1f} s"
-        )
-        for note in read_manifest(done.out_dir)["notes"]:
-            print(f"note: {note}")
-        print(f"wrote {done.out_dir}")
-        return None
-    model = load_model(model_ref)
-    result = quantize_model(
-        model, model_ref.folder.arch, args.method, config, calibration, calib_dtype=args.calib_dtype
+    preflight([variant], model_ref)
+    shared = SharedInputs(
+        model_ref,
+        _calibration_config(args),
+        data_root=args.data_root,
+        cache=args.cache,
+        log=lambda message: print(message, file=sys.stderr),
     )
-    print(f"{args.method} {config}: {len(result.weights)} linears in {result.seconds:.1f} s")
-    if args.format == "gguf":
-        return _write_lossless_gguf(args, result, model_ref)
-    if args.format == "native":
-        out = write_native(result, model_ref, args.out)
-    else:
-        out = write_checkpoint(fmt, result, model, model_ref, args.out)
-        for note in read_manifest(out)["notes"]:
-            print(f"note: {note}")
+    made = produce(variant, shared, out)
+    print(made.summary)
+    for note in made.notes:
+        print(f"note: {note}")
     print(
-        f"wrote {out} (evaluate it with: quantlab eval {out} --ppl wikitext2 --kld "
+        f"wrote {made.target} (evaluate it with: quantlab eval {made.target} --ppl wikitext2 --kld "
         f"--reference {args.model})"
     )
 
@@ -711,16 +690,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_convert)
 
-    p = model_cmd("quantize", "quantize a model with RTN, GPTQ or AWQ; write a checkpoint")
-    p.add_argument("--method", choices=["rtn", "gptq", "awq"], help="required unless --format gguf")
-    p.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    p.add_argument("--group-size", type=int, default=128, help="-1 = per output channel")
-    sym = p.add_mutually_exclusive_group()
-    sym.add_argument("--sym", dest="sym", action="store_true", default=None)
-    sym.add_argument("--asym", dest="sym", action="store_false")
-    p.add_argument("--act-order", action="store_true", help="GPTQ desc_act")
-    p.add_argument("--static-groups", action="store_true", help="GPTQ static groups")
-    p.add_argument("--damp-percent", type=float, default=0.01, help="GPTQ damping")
+    from quantlab.formats import formats
+    from quantlab.methods import get_method, method_names
+
+    methods = ", ".join(f"{m} ({get_method(m).description})" for m in method_names())
+    p = model_cmd("quantize", "quantize a model and write one artifact in one format")
+    p.add_argument("--method", choices=method_names(), help=f"the method: {methods}")
+    writable = [f for f in formats() if f.writable]
+    p.add_argument(
+        "--format",
+        choices=[f.name for f in writable],
+        help="what to write (default: native with a method): "
+        + "; ".join(f"{f.name}: {f.description}" for f in writable),
+    )
     calibration_args(p)
     p.add_argument(
         "--calib-dtype",
@@ -731,33 +713,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--imatrix",
         action="store_true",
-        help="measure the importance matrix on the calibration set (RTN: recorded in the "
-        "artifact; GGUF: fed to llama.cpp's quantization)",
-    )
-    p.add_argument(
-        "--format",
-        default="native",
-        choices=["native", "gptq", "awq", "gguf"],
-        help="native: quantlab's exact tensors; gptq: GPTQ checkpoint (transformers, vLLM, "
-        "GPTQModel); awq: AWQ GEMM checkpoint (4-bit); gguf: llama.cpp quantization (--gguf-type)",
-    )
-    p.add_argument(
-        "--gguf-type", help="GGUF type for --format gguf: Q8_0, Q6_K, Q4_K_M, IQ4_XS, ..."
-    )
-    p.add_argument(
-        "--gptq-format",
-        default="v1",
-        choices=["v1", "v2"],
-        help="GPTQ checkpoint_format: v1 (every loader; cannot store a zero point of 0) or v2 "
-        "(GPTQModel)",
+        help="measure the importance matrix on the calibration set (recorded in the artifact; "
+        "a format that quantizes by itself, GGUF, is fed it)",
     )
     p.add_argument(
         "--streaming",
         action="store_true",
         help="never load the whole model: read, quantize and write one block at a time from the "
-        "safetensors shards (for models larger than memory; --format gptq or awq)",
+        "safetensors shards (for models larger than memory; formats written block by block)",
     )
-    p.add_argument("--out", required=True, help="artifact folder to write")
+    p.add_argument("--out", required=True, help="artifact to write (a folder, or a .gguf file)")
+    settings = p.add_argument_group("method and format settings (each flag: who has it)")
+    p.set_defaults(setting_flags=_add_setting_flags(settings))
     p.set_defaults(func=cmd_quantize)
     return parser
 

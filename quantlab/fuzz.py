@@ -180,8 +180,8 @@ evaluation:
 
 
 def _targets(folder: Path) -> dict[str, tuple[bytes, Callable[[bytes], None]]]:
+    from quantlab.formats import detect
     from quantlab.formats.gguf_file import check_gguf_architecture, open_gguf
-    from quantlab.formats.loader import _decoder, detect_format
     from quantlab.models.folder import inspect_folder, read_safetensors_header
     from quantlab.workbench.config import load_run_config
 
@@ -212,11 +212,9 @@ def _targets(folder: Path) -> dict[str, tuple[bytes, Callable[[bytes], None]]]:
 
     def quantization_config(data: bytes) -> None:
         (ckpt / "config.json").write_bytes(data)
-        fmt = detect_format(ckpt)
-        if fmt is not None and fmt != "quantlab-native":
-            import torch
-
-            _decoder(fmt, json.loads(data)["quantization_config"], torch.float16)
+        found = detect(ckpt)
+        if found is not None:
+            found[0].check_config(ckpt)
 
     def run_yaml(data: bytes) -> None:
         path = folder / "run.yaml"

@@ -18,14 +18,26 @@ from __future__ import annotations
 import torch
 
 from quantlab.errors import ConfigError
-from quantlab.types import QuantizedWeight
+from quantlab.types import QuantizedWeight, dequantize
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "check_bits_and_group",
+    "dequantize",
+    "fake_quantize",
+    "natural_g_idx",
+    "quantize_codes",
+    "quantize_rtn",
+    "scale_zero",
+]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
 
 def check_bits_and_group(bits: int, group_size: int) -> None:
     if bits not in SUPPORTED_BITS:
-        raise ConfigError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+        allowed = f"{', '.join(map(str, SUPPORTED_BITS[:-1]))} or {SUPPORTED_BITS[-1]}"
+        raise ConfigError(f"bits must be {allowed}, got {bits}")
     if group_size != -1 and group_size < 1:
         raise ConfigError(f"group_size must be -1 (per channel) or >= 1, got {group_size}")
 
@@ -92,26 +104,6 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> Quan
     zeros = torch.cat([p[2] for p in parts], dim=1).to(torch.uint8)
     g_idx = natural_g_idx(cols, group_size)
     return QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym, dtype)
-
-
-def dequantize(qw: QuantizedWeight) -> torch.Tensor:
-    """``scales[o, g_idx[i]] * (qweight[o, i] - zeros[o, g_idx[i]])`` as float32 (out, in)."""
-    if qw.act_order:
-        g = qw.g_idx.long()
-        return qw.scales[:, g] * (qw.qweight.float() - qw.zeros[:, g].float())
-    # consecutive groups: broadcast each group's scale and zero (no gather), same values
-    out, cols = qw.qweight.shape
-    size = qw.group_size if qw.group_size > 0 else cols
-    full = cols // size
-    codes = qw.qweight.float()
-    values = torch.empty(out, cols, dtype=torch.float32, device=codes.device)
-    head = values[:, : full * size].view(out, full, size)
-    zeros, scales = qw.zeros[:, :full].float()[:, :, None], qw.scales[:, :full, None]
-    torch.mul(codes[:, : full * size].view(out, full, size) - zeros, scales, out=head)
-    if full * size < cols:  # a shorter last group
-        tail = codes[:, full * size :] - qw.zeros[:, full:].float()
-        values[:, full * size :] = tail * qw.scales[:, full:]
-    return values
 
 
 def fake_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> torch.Tensor:

@@ -6,7 +6,8 @@ and for act-order (GPTQ ``desc_act``) the group of each input column. Dequantiza
 
     W[o, i] = scales[o, g_idx[i]] * (qweight[o, i] - zeros[o, g_idx[i]])
 
-which `quantlab.primitives.dequantize` computes and every kernel is tested against.
+which `dequantize` computes (re-exported by `quantlab.primitives`, the reference every kernel is
+tested against).
 """
 
 from __future__ import annotations
@@ -64,6 +65,24 @@ class QuantizedWeight:
         return not torch.equal(self.g_idx.cpu(), natural)
 
     def dequantize(self) -> torch.Tensor:
-        from quantlab.primitives import dequantize
-
         return dequantize(self)
+
+
+def dequantize(qw: QuantizedWeight) -> torch.Tensor:
+    """``scales[o, g_idx[i]] * (qweight[o, i] - zeros[o, g_idx[i]])`` as float32 (out, in)."""
+    if qw.act_order:
+        g = qw.g_idx.long()
+        return qw.scales[:, g] * (qw.qweight.float() - qw.zeros[:, g].float())
+    # consecutive groups: broadcast each group's scale and zero (no gather), same values
+    out, cols = qw.qweight.shape
+    size = qw.group_size if qw.group_size > 0 else cols
+    full = cols // size
+    codes = qw.qweight.float()
+    values = torch.empty(out, cols, dtype=torch.float32, device=codes.device)
+    head = values[:, : full * size].view(out, full, size)
+    zeros, scales = qw.zeros[:, :full].float()[:, :, None], qw.scales[:, :full, None]
+    torch.mul(codes[:, : full * size].view(out, full, size) - zeros, scales, out=head)
+    if full * size < cols:  # a shorter last group
+        tail = codes[:, full * size :] - qw.zeros[:, full:].float()
+        values[:, full * size :] = tail * qw.scales[:, full:]
+    return values

@@ -29,7 +29,6 @@ import yaml
 from quantlab.errors import QuantlabError
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # air-gapped by default: no phoning home
-GGUF_CHOICES = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_K", "IQ4_XS"]
 VRAM_PRESETS = [8, 12, 16, 24, 48, 80]
 PRESETS = {
     "quick": {
@@ -50,17 +49,6 @@ PRESETS = {
             "speed": True,
         },
     },
-}
-RUN_SNIPPETS = {
-    "gguf": "llama-cli -m {path} -p 'Hello'   # or: python -c \"from llama_cpp import Llama; "
-    "print(Llama('{path}')('Hello', max_tokens=32))\"",
-    "gptq": "from transformers import AutoModelForCausalLM\n"
-    "model = AutoModelForCausalLM.from_pretrained('{path}')   # or: vllm serve {path}",
-    "awq": "from transformers import AutoModelForCausalLM\n"
-    "model = AutoModelForCausalLM.from_pretrained('{path}')   # or: vllm serve {path}",
-    "native": "import quantlab\nmodel, _ = quantlab.load('{path}')   # quantlab's exact tensors",
-    "hf": "from transformers import AutoModelForCausalLM\n"
-    "model = AutoModelForCausalLM.from_pretrained('{path}')",
 }
 
 
@@ -86,6 +74,27 @@ class Workspace:
         return path
 
 
+def self_quantizing() -> dict[str, tuple[str, list[str]]]:
+    """Formats that quantize the unquantized model themselves (GGUF through llama.cpp): format
+    name -> (its option that picks the type, the types to offer first)."""
+    from quantlab.formats import formats, option_fields
+
+    out = {}
+    for fmt in formats():
+        if fmt.writable and not fmt.needs_method:
+            for f in option_fields(fmt):
+                if f.metadata.get("common"):
+                    out[fmt.name] = (f.name, list(f.metadata["common"]))
+    return out
+
+
+def method_formats() -> list[str]:
+    """Formats that store a method's result (the checkpoint format dropdown)."""
+    from quantlab.formats import formats
+
+    return [f.name for f in formats() if f.writable and f.needs_method]
+
+
 def run_config(
     ws: Workspace,
     name,
@@ -95,23 +104,32 @@ def run_config(
     bits,
     group_size,
     fmt,
-    gguf_types,
+    types,
     imatrix,
     preset,
 ) -> dict:
-    """The run config the Quantize form describes (validated by the workbench's parser)."""
+    """The run config the Quantize form describes (validated by the workbench's parser).
+    ``types``: the chosen types of the self-quantizing formats, as ``format:type`` strings or
+    plain types of the one such format."""
+    from quantlab.formats import get_format
+    from quantlab.methods import get_method
     from quantlab.workbench.config import parse_run_config
 
     variants = [{}] if include_reference else []
     for method in methods or []:
         v = {"method": method, "bits": int(bits), "group_size": int(group_size), "sym": False}
-        if fmt != "native":
-            v["format"] = fmt
-            if fmt == "gptq":
-                v["gptq_format"] = "v2"
+        v["format"] = fmt
+        config = get_method(method).config_cls(
+            bits=int(bits), group_size=int(group_size), sym=False
+        )
+        v.update(get_format(fmt).options_for(config))
         variants.append(v)
-    for gtype in gguf_types or []:
-        variants.append({"gguf_type": gtype, "imatrix": bool(imatrix)})
+    makers = self_quantizing()
+    for choice in types or []:
+        fmt_name, _, gtype = choice.rpartition(":")
+        fmt_name = fmt_name or next(iter(makers), "")
+        field_name = makers.get(fmt_name, ("", []))[0]
+        variants.append({"format": fmt_name, field_name: gtype, "imatrix": bool(imatrix)})
     chosen = PRESETS[preset]
     data = {
         "name": name.strip() or time.strftime("app-%Y%m%d-%H%M%S"),
@@ -218,9 +236,9 @@ def figures(rows) -> list:
     """Plotly figures: size vs perplexity (Pareto front), KLD, speed vs perplexity, accuracy."""
     import plotly.graph_objects as go
 
-    from quantlab.workbench.report import _row_values, pareto_front
+    from quantlab.workbench.report import pareto_front, row_values
 
-    values = [(_row_values(r), r) for r in rows]
+    values = [(row_values(r), r) for r in rows]
     label = [f"{r.run_name} / {v['variant']}" for v, r in values]
     size = go.Figure()
     pts = [
@@ -349,19 +367,31 @@ def artifact_details(ws: Workspace, artifact: str):
         if p.is_file()
     )
     row = next((r for r in results(ws) if r.artifact == artifact), None)
-    fmt = (row.format if row else "hf").split(":")[0]
-    fmt = "gptq" if fmt.startswith("gptq") else fmt
-    snippet = RUN_SNIPPETS.get(fmt, RUN_SNIPPETS["hf"]).format(path=artifact)
-    return manifest, files, f"```python\n{snippet}\n```"
+    return manifest, files, f"```python\n{run_snippet(row.format if row else '', artifact)}\n```"
+
+
+def run_snippet(label: str, path: str) -> str:
+    """How to run an artifact, from its format (a toolkit's rows: "gptqmodel: gptq")."""
+    from quantlab.formats import Format, format_of_label
+
+    fmt = format_of_label(label.split(": ")[-1]) or Format()
+    return fmt.run_snippet.format(path=path)
 
 
 def build_app(workdir: str | Path = "app-data"):
     import gradio as gr
 
+    from quantlab.methods import method_names
     from quantlab.models.resolve import named_models
 
     ws = Workspace(workdir)
     models = list(named_models())
+    makers = self_quantizing()
+    type_choices = [
+        t if len(makers) == 1 else f"{name}:{t}"
+        for name, (_, common) in makers.items()
+        for t in common
+    ]
 
     def guarded(fn):
         def call(*args):
@@ -400,14 +430,12 @@ def build_app(workdir: str | Path = "app-data"):
                 )
             with gr.Row():
                 ref = gr.Checkbox(value=True, label="include the unquantized model")
-                methods = gr.CheckboxGroup(["rtn", "gptq", "awq"], value=["gptq"], label="methods")
+                methods = gr.CheckboxGroup(method_names(), value=["gptq"], label="methods")
                 bits = gr.Dropdown([2, 3, 4, 8], value=4, label="bits")
                 group = gr.Dropdown([-1, 32, 64, 128], value=64, label="group size")
-                fmt = gr.Dropdown(
-                    ["native", "gptq", "awq"], value="gptq", label="checkpoint format"
-                )
+                fmt = gr.Dropdown(method_formats(), value="gptq", label="checkpoint format")
             with gr.Row():
-                gguf = gr.CheckboxGroup(GGUF_CHOICES, label="GGUF types (llama.cpp)")
+                gguf = gr.CheckboxGroup(type_choices, label="GGUF types (llama.cpp)")
                 imatrix = gr.Checkbox(
                     label="GGUF: use the importance matrix of the calibration set"
                 )

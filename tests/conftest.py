@@ -16,6 +16,24 @@ if not torch.cuda.is_available():
 from quantlab.models.tiny import TINY_MODELS, build_tiny_model
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--seed",
+        type=int,
+        default=0,
+        help="base seed of the tests that draw random inputs (default 0; printed in the header)",
+    )
+
+
+def pytest_configure(config):
+    # the randomized tests (tests/test_kernels.py) read it from here
+    os.environ["QUANTLAB_TEST_SEED"] = str(config.getoption("seed"))
+
+
+def pytest_report_header(config):
+    return f"random inputs: --seed {config.getoption('seed')} (replay a failure with the same)"
+
+
 @pytest.fixture(scope="session")
 def data_root() -> Path:
     """The local datasets folder (QUANTLAB_DATA). CI must have it; elsewhere tests skip."""

@@ -132,6 +132,7 @@ def test_a_quick_run_through_the_api_is_stored_and_served(running_app):
 
 
 @pytest.mark.slow
+@pytest.mark.browser
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium")
 def test_a_browser_runs_a_quantization_and_sees_it_in_compare(running_app):
     from playwright.sync_api import expect, sync_playwright

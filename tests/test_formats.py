@@ -11,9 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantlab.errors import CorruptFileError, FormatError
-from quantlab.formats import layouts
-from quantlab.formats.checkpoint import write_checkpoint
-from quantlab.formats.loader import detect_format, load
+from quantlab.formats import detect_format, layouts, load, write_artifact
 from quantlab.formats.packing import (
     awq_deinterleave,
     awq_interleave,
@@ -215,7 +213,7 @@ def test_written_checkpoint_loads_to_identical_logits(
     tiny_models, tmp_path, name, fmt, bits, group_size, sym
 ):
     source, model, result = _quantized_tiny(tiny_models, name, bits, group_size, sym)
-    out = write_checkpoint(fmt, result, model, source, tmp_path / "ckpt")
+    out = write_artifact(fmt, tmp_path / "ckpt", source, result=result, model=model)
     assert detect_format(out) == fmt
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == fmt[:4]
@@ -232,7 +230,9 @@ def test_written_checkpoint_loads_to_identical_logits(
 
 def test_sharded_checkpoint_loads(tiny_models, tmp_path):
     source, model, result = _quantized_tiny(tiny_models, "tiny-llama")
-    out = write_checkpoint("gptq", result, model, source, tmp_path / "ckpt", max_shard_bytes=50_000)
+    out = write_artifact(
+        "gptq", tmp_path / "ckpt", source, result=result, model=model, max_shard_bytes=50_000
+    )
     assert (out / "model.safetensors.index.json").is_file()
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 2
     loaded, _ = load(out)
@@ -244,14 +244,14 @@ def test_sharded_checkpoint_loads(tiny_models, tmp_path):
 def test_a_refused_write_leaves_nothing(tiny_models, tmp_path):
     source, model, result = _quantized_tiny(tiny_models, "tiny-qwen2", group_size=128)
     with pytest.raises(FormatError, match="in_features=192 is not a multiple of group size 128"):
-        write_checkpoint("awq", result, model, source, tmp_path / "ckpt")
+        write_artifact("awq", tmp_path / "ckpt", source, result=result, model=model)
     assert not any(tmp_path.iterdir())
 
 
 @pytest.fixture()
 def gptq_checkpoint(tiny_models, tmp_path):
     source, model, result = _quantized_tiny(tiny_models, "tiny-llama")
-    return write_checkpoint("gptq", result, model, source, tmp_path / "ckpt")
+    return write_artifact("gptq", tmp_path / "ckpt", source, result=result, model=model)
 
 
 def _rewrite_tensors(folder, change):
@@ -313,7 +313,7 @@ def test_cli_exports_gptq_and_refuses_what_awq_cannot_hold(tiny_models, tmp_path
         in capsys.readouterr().out
     )
     assert main([*base, "--format", "awq", "--out", str(tmp_path / "a")]) == 2
-    assert "not a multiple of group size 128" in capsys.readouterr().err
+    assert "not a multiple of group_size 128" in capsys.readouterr().err
     assert not (tmp_path / "a").exists()
     # asymmetric RTN may produce a zero point of 0, which v1 refuses and v2 stores
     rc = main(

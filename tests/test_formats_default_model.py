@@ -6,7 +6,7 @@ import pytest
 
 from quantlab.eval.harness import EvalConfig, evaluate
 from quantlab.eval.perplexity import PerplexityConfig
-from quantlab.formats.checkpoint import write_checkpoint
+from quantlab.formats import write_artifact
 from quantlab.formats.native import write_native
 from quantlab.methods.rtn import RTNConfig
 from quantlab.methods.runner import quantize_model
@@ -22,7 +22,7 @@ def test_gptq_checkpoint_perplexity_equals_in_memory_weights(default_model, data
     config = RTNConfig(bits=4, group_size=128, sym=True)
     result = quantize_model(model, default_model.folder.arch, "rtn", config, None, progress=False)
     native = write_native(result, default_model, tmp_path / "native")
-    ckpt = write_checkpoint("gptq", result, model, default_model, tmp_path / "gptq")
+    ckpt = write_artifact("gptq", tmp_path / "gptq", default_model, result=result, model=model)
     manifest = json.loads((ckpt / "quantlab_manifest.json").read_text())
     assert any("not multiples of group size 128" in note for note in manifest["notes"])
     ppl = PerplexityConfig(corpus="wikitext2", split="test", max_tokens=4096)

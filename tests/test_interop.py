@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from quantlab.formats.checkpoint import write_checkpoint
+from quantlab.formats import write_artifact
 from quantlab.formats.loader import load
 from quantlab.methods.gptq import GPTQConfig
 from quantlab.methods.rtn import RTNConfig
 from quantlab.methods.runner import quantize_model
 from quantlab.models import load_model, resolve_model
+
+pytestmark = pytest.mark.toolkit
 
 os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 IDS = torch.randint(0, 250, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -67,7 +69,7 @@ def ours_written(tiny_models, tmp_path_factory):
             model, source.folder.arch, method, config, calib if method != "rtn" else None,
             progress=False,
         )  # fmt: skip
-        out[fmt] = write_checkpoint(fmt, result, model, source, root / fmt)
+        out[fmt] = write_artifact(fmt, root / fmt, source, result=result, model=model)
     return out
 
 
@@ -161,7 +163,7 @@ def test_gptqmodel_and_transformers_read_quantlab_gptq_of_the_default_model(
     model = load_model(default_model)
     config = RTNConfig(bits=4, group_size=128, sym=True)
     result = quantize_model(model, default_model.folder.arch, "rtn", config, None, progress=False)
-    path = write_checkpoint("gptq", result, model, default_model, tmp_path / "gptq")
+    path = write_artifact("gptq", tmp_path / "gptq", default_model, result=result, model=model)
     mine = ours(path, dtype="float32")
     hf = AutoModelForCausalLM.from_pretrained(
         path, device_map="cpu", dtype=torch.float16,

@@ -1,5 +1,6 @@
-"""Kernels against the torch reference: every registered kernel, fresh random inputs each run,
-outputs poisoned with NaN beforehand (an element a kernel forgets to write stays NaN).
+"""Kernels against the torch reference: every registered kernel, random inputs drawn from a
+seed (``pytest --seed N``, default 0, mixed with each test's id; a failure names it), outputs
+poisoned with NaN beforehand (an element a kernel forgets to write stays NaN).
 
 Without a GPU the Triton kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1);
 the CUDA kernel is compiled with nvcc for sm_80 and sm_90 but not run. Tests marked ``gpu`` run
@@ -12,6 +13,7 @@ import importlib.util
 import os
 import shutil
 import subprocess
+import zlib
 
 import numpy as np
 import pytest
@@ -30,8 +32,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _seed() -> int:
-    """A fresh seed per call (printed in failure messages so a failure can be replayed)."""
-    return int.from_bytes(os.urandom(4), "little")
+    """The current test's seed: the session's base seed (``--seed``) mixed with the test's id,
+    so each test draws its own inputs and a failure replays with the same command."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
+    return zlib.crc32(f"{os.environ.get('QUANTLAB_TEST_SEED', '0')}:{test}".encode())
 
 
 def _packed_gptq(seed, K, N, bits, group_size, act_order):
@@ -83,6 +87,56 @@ def test_every_op_has_a_torch_reference_and_registration_is_checked():
         assert any(k.op == op and k.backend == "torch" for k in kernels.kernels())
     with pytest.raises(ValueError, match="already registered"):
         kernels.register_kernel(kernels.KernelSpec("dequant_gptq", "torch", "x:y"))
+
+
+def _kernel_case(spec, seed: int):
+    """Inputs for ``spec`` and the ground truth it must reproduce (primitives' dequantization,
+    the gguf package's): ``(args, expected, exact)``, one case per op (a new op needs one)."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize as gguf_dequantize
+
+    from quantlab.formats.layouts import pack_awq, pack_gptq
+    from quantlab.primitives import dequantize, quantize_rtn
+
+    g = torch.Generator().manual_seed(seed)
+    if spec.op == "dequant_gguf":
+        layout = spec.layouts[seed % len(spec.layouts)]
+        raw = _gguf_blocks(layout, seed)
+        size = ref.GGUF_BLOCKS[layout][1]
+        truth = gguf_dequantize(raw.numpy().reshape(-1, size), GGMLQuantizationType[layout])
+        expected = torch.from_numpy(truth.reshape(-1).astype(np.float32))
+        return (raw.to(DEVICE), layout, torch.float32), expected, True
+    bits = spec.bits[seed % len(spec.bits)]
+    sym = bool(seed & 1)
+    qw = quantize_rtn(torch.randn(64, 128, generator=g), bits, 32, sym)
+    weight = dequantize(qw).T  # (K, N), float32
+    if spec.op == "dequant_awq":
+        p = {k: v.to(DEVICE) for k, v in pack_awq("w", qw).items()}
+        return (p["qweight"], p["qzeros"], p["scales"], 32, torch.float32), weight, True
+    p = pack_gptq("w", qw, "gptq_v2")
+    packed = [p[k].to(DEVICE) for k in ("qweight", "qzeros", "scales", "g_idx")]
+    if spec.op == "dequant_gptq":
+        return (*packed, bits, torch.float32), weight, True
+    assert spec.op == "matmul_gptq", f"no test inputs for op {spec.op}: add a case here"
+    x = torch.randn(min(4, spec.max_batch or 4), 128, generator=g)
+    return (x.to(DEVICE), *packed, bits), x @ weight, False
+
+
+@pytest.mark.parametrize("spec", kernels.kernels(), ids=lambda k: k.name)
+def test_every_registered_kernel_reproduces_the_ground_truth(spec):
+    """Registry-driven: each kernel where it can run here (the torch reference anywhere, Triton
+    in its interpreter on a CPU, CUDA on a GPU), on the op's inputs, against primitives'
+    dequantization or the gguf package: bit for bit, matmuls within float32 summation order."""
+    why = spec.unavailable(DEVICE)
+    if why:
+        pytest.skip(why)
+    seed = _seed()
+    args, expected, exact = _kernel_case(spec, seed)
+    out = spec.load()(*args).float().cpu()
+    if exact:
+        assert torch.equal(out.reshape(expected.shape), expected), f"seed {seed}"
+    else:
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, msg=f"seed {seed}")
 
 
 def test_selection_prefers_the_best_available_and_explains_a_refusal():
@@ -262,7 +316,7 @@ def test_natural_groups_are_recognised_once_per_tensor():
 
 
 def _checkpoint(tiny_models, tmp_path, name, fmt, bits, group_size):
-    from quantlab.formats.checkpoint import write_checkpoint
+    from quantlab.formats import write_artifact
     from quantlab.methods.rtn import RTNConfig
     from quantlab.methods.runner import quantize_model
     from quantlab.models import load_model, resolve_model
@@ -271,7 +325,7 @@ def _checkpoint(tiny_models, tmp_path, name, fmt, bits, group_size):
     model = load_model(source)
     cfg = RTNConfig(bits, group_size, False)
     result = quantize_model(model, source.folder.arch, "rtn", cfg, None, progress=False)
-    return write_checkpoint(fmt, result, model, source, tmp_path / "ckpt")
+    return write_artifact(fmt, tmp_path / "ckpt", source, result=result, model=model)
 
 
 @needs_triton
@@ -332,6 +386,7 @@ def test_a_layer_switched_to_kernels_keeps_its_weight(tiny_models, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+@pytest.mark.slow  # a compiler run, not a unit test
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_the_cuda_kernel_compiles_with_nvcc(arch, tmp_path):
     from quantlab.kernels.cuda_ext import nvcc_command
@@ -343,6 +398,7 @@ def test_the_cuda_kernel_compiles_with_nvcc(arch, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+@pytest.mark.slow  # a compiler run, not a unit test
 def test_the_cuda_binding_compiles_against_this_torch(tmp_path):
     import sysconfig
 

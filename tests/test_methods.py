@@ -5,7 +5,7 @@ import torch
 
 from quantlab.data import CalibrationConfig, build_calibration, load_corpus
 from quantlab.errors import ConfigError
-from quantlab.methods import get_method, method_names
+from quantlab.methods import get_method, method_names, register_method
 from quantlab.methods.awq import AWQConfig, search_clip, search_scale
 from quantlab.methods.gptq import GPTQConfig, accumulate_hessian, gptq_quantize
 from quantlab.methods.rtn import RTNConfig
@@ -69,9 +69,11 @@ def test_bad_configs_are_refused():
     ):
         with pytest.raises(ConfigError):
             bad()
-    with pytest.raises(ConfigError, match="known: awq, gptq, rtn"):
-        get_method("hqq")
-    assert method_names() == ["awq", "gptq", "rtn"]
+    with pytest.raises(ConfigError, match="unknown method 'no-such'; known: .*gptq"):
+        get_method("no-such")
+    assert {"awq", "gptq", "rtn"} <= set(method_names())
+    with pytest.raises(ValueError, match="already registered"):
+        register_method("gptq", GPTQConfig, needs_calibration=True)(lambda ctx, cfg: None)
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -149,28 +151,6 @@ def test_gptq_importance_matrix_from_its_hessian_equals_the_measured_one(tiny_mo
             results["gptq"].imatrix[name], results["rtn"].imatrix[name], rtol=1e-5, atol=1e-7
         )
     assert results["gptq"].imatrix_tokens == results["rtn"].imatrix_tokens == 4 * 64
-
-
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-mistral"])
-@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
-def test_pipeline_quantizes_every_linear_of_every_architecture(
-    tiny_models, calibration, name, method
-):
-    model_ref = resolve_model(str(tiny_models[name]))
-    model = load_model(model_ref)
-    arch = arch_spec(model.config.architectures[0])
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    config = get_method(method).config_cls(bits=4, group_size=64)
-    result = quantize_model(model, arch, method, config, calibration, progress=False)
-    expected = {f"{arch.blocks}.{i}.{lin}" for i in range(2) for lin in arch.linears}
-    assert set(result.weights) == expected
-    assert set(result.imatrix) == expected and result.imatrix_tokens == 4 * 64
-    for full, qw in result.weights.items():
-        torch.testing.assert_close(model.get_parameter(f"{full}.weight"), qw.dequantize())
-    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == {f"{n}.weight" for n in expected} | set(result.modified)
-    if method == "awq":
-        assert result.modified and all("norm" in n or "proj" in n for n in result.modified)
 
 
 def first_block_errors(tiny_models, calibration, variants) -> dict[str, float]:

@@ -18,6 +18,8 @@ from quantlab.workbench.pipeline import run_sweep
 from quantlab.workbench.ray_executor import TaskResources
 from quantlab.workbench.store import ResultStore
 
+pytestmark = pytest.mark.ray
+
 ray = pytest.importorskip("ray")
 
 

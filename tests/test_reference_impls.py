@@ -30,6 +30,8 @@ from safetensors import safe_open
 from quantlab.errors import ConfigError, DataError, QuantlabError
 from quantlab.reference import available, run_reference
 
+pytestmark = pytest.mark.toolkit
+
 Q_PROJ = "model.layers.0.self_attn.q_proj"
 GROUP = 64
 BITS = 4

@@ -67,12 +67,18 @@ def test_shipped_configs_load(name):
         (lambda c: c["variants"][1].update(bitz=4), "variants[1]: unknown key 'bitz'"),
         (lambda c: c["variants"][1].update(bits=5), "variants[1]: bits must be 2, 3, 4 or 8"),
         (lambda c: c["variants"][1].update(bits="4"), "variants[1].bits: '4' is not a valid int"),
-        (lambda c: c["variants"][1].update(format="exl2"), "format must be one of native, gptq"),
+        (
+            lambda c: c["variants"][1].update(format="exl2"),
+            "format must be one of awq, gguf, gptq, native",
+        ),
         (lambda c: c["variants"].append({"gguf_type": "IQ2_XS"}), "needs imatrix: true"),
         (lambda c: c["variants"].append({"gguf_type": "Q9_K"}), "gguf_type must be one of"),
         (lambda c: c["variants"].append({"method": "awq", "bits": 3, "format": "awq"}), "4-bit"),
         (lambda c: c["variants"].append({}), "names must be unique, repeated: unquantized"),
-        (lambda c: c["calibration"].update(n_samples=0), "calibration: calibration: n_samples"),
+        (
+            lambda c: c["calibration"].update(n_samples=0),
+            "calibration: calibration n_samples must be >= 1",
+        ),
         (lambda c: c["evaluation"].update(kld=True, perplexity=[]), "kld needs a perplexity"),
         (lambda c: c["evaluation"]["perplexity"][0].update(protocol="x"), "protocol must be"),
         (lambda c: c.pop("model"), "model: required"),
@@ -109,7 +115,7 @@ def test_a_format_that_cannot_hold_the_model_is_refused_before_work(tiny_models,
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(
         QuantlabError,
-        match="down_proj.weight has in_features=576, not a multiple of group_size 128",
+        match="down_proj has in_features=576, not a multiple of group_size 128",
     ):
         from quantlab.workbench.pipeline import run_sweep
 
@@ -271,7 +277,8 @@ def test_a_report_never_replaces_a_folder_that_is_not_a_report(tiny_models, tmp_
 
 
 def test_a_leftover_gguf_is_removed_without_touching_its_neighbours(tmp_path):
-    from quantlab.workbench.pipeline import _remove
+    from quantlab.formats import get_format
+    from quantlab.workbench.produce import remove_artifact
 
     names = [
         "gguf-Q6_K.gguf",
@@ -282,7 +289,7 @@ def test_a_leftover_gguf_is_removed_without_touching_its_neighbours(tmp_path):
     ]
     for name in names:
         (tmp_path / name).write_text("x")
-    _remove(tmp_path / "gguf-Q6_K.gguf")
+    remove_artifact(tmp_path / "gguf-Q6_K.gguf", get_format("gguf"))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[3:])
 
 

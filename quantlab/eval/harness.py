@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from quantlab import __version__, settings
+from quantlab import settings
 from quantlab.data.corpora import load_corpus
 from quantlab.errors import ConfigError
 from quantlab.eval.kld import (
@@ -43,6 +43,7 @@ from quantlab.eval.measure import (
 )
 from quantlab.eval.perplexity import PerplexityConfig, PerplexityResult, make_windows, perplexity
 from quantlab.fingerprint import content_sha256
+from quantlab.version import __version__
 
 METRICS_VERSION = 1
 
@@ -68,7 +69,7 @@ class EvalConfig:
         if self.gguf_runtime not in ("llama.cpp", "torch"):
             raise ConfigError(f"gguf_runtime must be llama.cpp or torch, got {self.gguf_runtime!r}")
         if self.kld and not self.perplexity:
-            raise ConfigError("KL divergence needs a perplexity corpus (its tokens are shared)")
+            raise ConfigError("kld needs a perplexity corpus (the KL divergence uses its tokens)")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
         if self.speed_runs < 1 or self.speed_prompt_tokens < 1 or self.speed_decode_tokens < 1:
@@ -141,75 +142,51 @@ def open_runner(
     cache=None,
     gguf_runtime: str = "llama.cpp",
 ):
-    """A `LogitsRunner` for a ``.gguf`` file (llama.cpp, or ``gguf_runtime="torch"``: every tensor
-    dequantized by ``gguf`` into a transformers model, for weight-quality numbers on the same
-    arithmetic as every other target) or any model spec / checkpoint (transformers)."""
+    """A `LogitsRunner` for ``target`` and the path to measure: an artifact of any registered
+    format (in its own runtime - llama.cpp for a ``.gguf`` - or, with ``gguf_runtime="torch"``,
+    dequantized into transformers, for weight-quality numbers on the same arithmetic as every
+    other target) or any model spec (transformers)."""
     from quantlab.eval.runners import HFRunner, LlamaCppRunner
-
-    if target.endswith(".gguf"):
-        from quantlab.formats.gguf_file import check_gguf_architecture
-
-        check_gguf_architecture(target, gguf_runtime)  # a corrupt or alien file fails here
-        if gguf_runtime == "llama.cpp":
-            return LlamaCppRunner(target, n_ctx=n_ctx), Path(target)
-        if gguf_runtime != "torch":
-            raise ConfigError(f"gguf_runtime must be llama.cpp or torch, got {gguf_runtime!r}")
-        return HFRunner(*_gguf_in_transformers(Path(target), dtype), target), Path(target)
-    from quantlab.formats.loader import detect_format, load
-    from quantlab.formats.native import apply_native, read_native
+    from quantlab.formats import detect
     from quantlab.models import load_model, load_tokenizer, resolve_model
 
-    fmt = detect_format(target)
-    if fmt == "quantlab-native":  # quantlab artifact: its tensors applied to its source model
-        artifact = read_native(target)
-        source = resolve_model(artifact.manifest["source"]["path"], cache=cache)
-        hf_model = load_model(source, dtype=dtype)
-        apply_native(hf_model, artifact)
-        return HFRunner(hf_model, load_tokenizer(source), target), Path(target)
-    if fmt is not None:  # a GPTQ / AWQ / compressed-tensors checkpoint, quantized linears kept
-        from transformers import AutoTokenizer
-
-        hf_model, _ = load(target, dtype=dtype)
-        return HFRunner(hf_model, AutoTokenizer.from_pretrained(target), target), Path(target)
+    found = detect(target)
+    if found is not None:
+        fmt, _ = found
+        if fmt.runtime != "transformers" and gguf_runtime == fmt.runtime:
+            fmt.check(Path(target), fmt.runtime)  # a corrupt or alien file fails here
+            return LlamaCppRunner(target, n_ctx=n_ctx), Path(target)
+        hf_model, _ = fmt.load(Path(target), dtype=dtype, cache=cache)
+        return HFRunner(hf_model, fmt.tokenizer(Path(target), cache), target), Path(target)
     model = resolve_model(target, cache=cache)
     runner = HFRunner(load_model(model, dtype=dtype), load_tokenizer(model), target)
     return runner, model.path
 
 
-def _gguf_in_transformers(path: Path, dtype: str):
-    """A GGUF file dequantized into a transformers model (transformers' GGUF loader, which
-    dequantizes every tensor with ``gguf`` and undoes llama.cpp's q/k row order), + tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _own_runtime(spec: str) -> bool:
+    """Whether ``spec`` is an artifact that runs in a runtime of its own (a .gguf: llama.cpp)."""
+    from quantlab.formats import detect
 
-    kwargs = {"gguf_file": path.name}
-    model = AutoModelForCausalLM.from_pretrained(path.parent, dtype=getattr(torch, dtype), **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    tokenizer.clean_up_tokenization_spaces = False
-    return model.eval(), tokenizer
+    found = detect(spec)
+    return found is not None and found[0].runtime != "transformers"
 
 
 def _tokenizer_of(spec: str, cache) -> object:
-    """The transformers tokenizer of a model spec, quantized checkpoint or quantlab artifact."""
-    from transformers import AutoTokenizer
-
-    from quantlab.formats.loader import detect_format
-    from quantlab.formats.native import read_native
+    """The transformers tokenizer of a model spec or of an artifact of any registered format."""
+    from quantlab.formats import detect
     from quantlab.models import load_tokenizer, resolve_model
 
-    fmt = detect_format(spec)
-    if fmt == "quantlab-native":
-        spec = read_native(spec, verify=False).manifest["source"]["path"]
-    elif fmt is not None:
-        return AutoTokenizer.from_pretrained(spec)
+    found = detect(spec)
+    if found is not None:
+        return found[0].tokenizer(Path(spec), cache)
     return load_tokenizer(resolve_model(spec, cache=cache))
 
 
 def _reference_path(spec: str, cache: Path) -> Path:
-    from quantlab.formats.loader import detect_format
+    from quantlab.formats import detect
     from quantlab.models import resolve_model
 
-    if spec.endswith(".gguf") or detect_format(spec) is not None:  # a file or quantized artifact
+    if detect(spec) is not None:  # an artifact: a file or a folder
         return Path(spec)
     return resolve_model(spec, cache=cache).path
 
@@ -221,7 +198,7 @@ def _reference(spec: str, windows, cache: Path, stage_seconds: dict, target_runn
     cached = cache / "references" / f"{windows.sha256[:20]}-{ref_sha[:20]}.npz"
     if cached.is_file():
         return CachedReference.load(cached), cached
-    recordable = hasattr(target_runner, "logits_and_head_input") and not spec.endswith(".gguf")
+    recordable = hasattr(target_runner, "logits_and_head_input") and not _own_runtime(spec)
     if ref_sha == target_sha and recordable:  # (a .gguf reference always runs in llama.cpp)
         return ReferenceRecorder(target_runner, windows), cached
     start = time.perf_counter()
@@ -257,7 +234,7 @@ def evaluate(
         stages["load"] = time.perf_counter() - start
         metrics = Metrics(target, runner.runtime, content_sha256(path), reference=reference)
         tok_runner = runner
-        if reference is not None and not reference.endswith(".gguf"):
+        if reference is not None and not _own_runtime(reference):
             from quantlab.eval.runners import HFTokenizer
 
             tok_runner = HFTokenizer(_tokenizer_of(reference, cache), reference)

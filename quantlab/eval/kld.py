@@ -22,6 +22,7 @@ the same tokens.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,7 +66,7 @@ class CachedReference:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}.npz")  # a process of its own
         arrays = {"hidden": self.hidden, "head_weight": self.head_weight, "nll": self.nll}
         if self.head_bias is not None:
             arrays["head_bias"] = self.head_bias

@@ -12,8 +12,6 @@
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import platform
 import statistics
@@ -33,62 +31,25 @@ class SizeResult:
     bits_per_weight: float
 
 
-_QUANT_OVERHEAD = {
-    "qzeros",
-    "scales",
-    "g_idx",
-    "weight_scale",
-    "weight_zero_point",
-    "weight_shape",
-    "weight_g_idx",
-}
-
-
 def size_of(path: str | os.PathLike) -> SizeResult:
-    """Size of a GGUF file or an HF folder and its bits per weight."""
+    """Size of an artifact (any registered format) or a Hugging Face folder, and its bits per
+    weight."""
+    from quantlab.formats import detect
+
     path = Path(path)
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     on_disk = sum(f.stat().st_size for f in files)
-    from quantlab.formats.native import MANIFEST, is_native
-
-    if is_native(path):
-        # codes are stored one per byte; report the packed size a checkpoint would have
-        # (bits per code + an fp16 scale and a packed zero point per group)
-        manifest = json.loads((path / MANIFEST).read_text())
-        weights = sum(math.prod(info["shape"]) for info in manifest["linears"].values())
-        gs = manifest["group_size"] if manifest["group_size"] > 0 else None
-        bits = manifest["bits"]
-        per_weight = bits + ((16 + bits) / gs if gs else 0.0)
-        return SizeResult(on_disk, int(weights * per_weight / 8), weights, per_weight)
-    if path.suffix == ".gguf":
-        from quantlab.formats.gguf_file import open_gguf
-
-        reader = open_gguf(path)
-        tensor_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-        weights = sum(int(t.n_elements) for t in reader.tensors)
-    else:
-        from quantlab.formats.loader import detect_format
+    found = detect(path)
+    if found is not None:
+        stored = found[0].size(path)
+        tensor_bytes, weights = stored.tensor_bytes, stored.weights
+    else:  # an unquantized folder: every tensor is a weight
         from quantlab.models.folder import SAFETENSORS_DTYPE_SIZES, read_safetensors_header
 
-        fmt = detect_format(path)
-        bits = None
-        if fmt is not None:
-            qc = json.loads((path / "config.json").read_text())["quantization_config"]
-            if fmt == "compressed-tensors":
-                groups = qc.get("config_groups") or {}
-                bits = next(int(g["weights"]["num_bits"]) for g in groups.values())
-            else:
-                bits = int(qc.get("bits", 4))
-        files = sorted(p for p in path.glob("*.safetensors") if p.name != "imatrix.safetensors")
-        infos = [t for f in files for t in read_safetensors_header(f)]
+        st = sorted(p for p in path.glob("*.safetensors") if p.name != "imatrix.safetensors")
+        infos = [t for f in st for t in read_safetensors_header(f)]
         tensor_bytes = sum(t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype] for t in infos)
-        weights = 0
-        for t in infos:
-            part = t.name.rsplit(".", 1)[-1]
-            if bits and part in ("qweight", "weight_packed"):
-                weights += t.numel * 32 // bits  # int32 words of packed codes
-            elif not bits or part not in _QUANT_OVERHEAD:
-                weights += t.numel
+        weights = sum(t.numel for t in infos)
     return SizeResult(on_disk, tensor_bytes, weights, 8 * tensor_bytes / max(weights, 1))
 
 

@@ -47,7 +47,9 @@ class PerplexityConfig:
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"perplexity protocol {self.protocol!r} is not one of {PROTOCOLS}")
+            raise ConfigError(
+                f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}"
+            )
         if self.context is not None and self.context < 4:
             raise ConfigError(f"perplexity context must be >= 4, got {self.context}")
         if self.max_tokens is not None and self.max_tokens < 1:

@@ -1,23 +1,26 @@
-"""Hugging Face checkpoint writers: GPTQ (v1 / v2) and AWQ (GEMM) folders that other tools load.
+"""Hugging Face quantized checkpoint folders: what GPTQ, AWQ and compressed-tensors share.
 
-``write_checkpoint(fmt, result, model, source, out_dir)`` takes what a method produced (a
-`QuantizationResult`), the model it was produced on (whose non-quantized parameters, AWQ's scaled
-norms included, are written as they are) and the source `ResolvedModel`, and writes, atomically
-(temporary folder renamed into place, manifest last):
+`HFCheckpointFormat` is the base of every format whose artifact is a Hugging Face folder with a
+``quantization_config`` (each subclass, in its own file, says how one linear is packed, what goes
+into ``quantization_config`` and how to read it back). It writes, atomically (temporary folder
+renamed into place, manifest last):
 
 - ``model.safetensors`` (or ``model-0000i-of-0000n.safetensors`` + ``model.safetensors.index.json``
   above ``max_shard_bytes``): each quantized linear as its packed tensors (layouts in
   `quantlab.formats.layouts`), every other tensor under its usual name and dtype (tied weights
   once);
-- ``config.json`` = the source config + ``quantization_config``; ``quantize_config.json`` (GPTQ,
-  for older loaders); the tokenizer, chat template and generation config copied from the source;
+- ``config.json`` = the source config + ``quantization_config``, plus the format's extra files
+  (GPTQ: ``quantize_config.json`` for older loaders); the tokenizer, chat template and
+  generation config copied from the source;
 - ``imatrix.safetensors``: the importance matrix of the calibration pass (GGUF quantization reuses
   it);
 - ``quantlab_manifest.json``: format, quantlab version, method and config, calibration hash, the
   source model's content hash, per-linear shapes, loader notes and every file's sha256.
 
-What a layout cannot hold exactly (a zero point of 0 in GPTQ v1, 3-bit widths that are not whole
-words, AWQ groups that do not divide ``in_features``) is refused before anything is written.
+It writes either from a whole in-memory result (`write`) or block by block as the walk finishes
+each block (`stream`: streaming quantization, tensor for tensor the same files). What a layout
+cannot hold exactly is refused before anything is written. Reading goes through
+`quantlab.formats.loader.load_quantized_folder` with the subclass's decoder.
 """
 
 from __future__ import annotations
@@ -31,100 +34,51 @@ from pathlib import Path
 
 import torch
 
-from quantlab import __version__
 from quantlab.atomic import atomic_directory
-from quantlab.errors import ConfigError, FormatError
+from quantlab.errors import CorruptFileError, FormatError, QuantlabError
 from quantlab.fingerprint import content_sha256
-from quantlab.formats import layouts
-from quantlab.formats.native import source_record
+from quantlab.formats.manifest import MANIFEST, read_manifest, source_record, verify_files
+from quantlab.formats.registry import ArtifactSize, Format, WriteRequest
+from quantlab.version import __version__
 
-MANIFEST = "quantlab_manifest.json"
 _DTYPES = ("float32", "float16", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
+DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
 @dataclass(frozen=True)
-class CheckpointFormat:
-    name: str
-    pack: Callable  # (linear name, QuantizedWeight) -> {part: tensor}
-    quantization_config: Callable  # (result, weights) -> dict for config.json
-    notes: Callable  # (weights) -> list of loader-compatibility notes
+class WeightSummary:
+    """What the folder-level files (config, notes, manifest) need to know of one quantized linear;
+    the streaming writer keeps these instead of the tensors."""
+
+    shape: tuple[int, int]
+    bits: int
+    group_size: int
+    sym: bool
+    act_order: bool
+
+    @classmethod
+    def of(cls, qw) -> WeightSummary:
+        return cls(tuple(qw.shape), qw.bits, qw.group_size, qw.sym, qw.act_order)
 
 
-def _first(weights):
-    return next(iter(weights.values()))
+def source_config(source) -> tuple[dict, torch.dtype | None]:
+    """The source's config.json and the dtype its weights are stored in (None if it says none)."""
+    config = json.loads((Path(source.path) / "config.json").read_text())
+    source_dtype = config.get("dtype") or config.get("torch_dtype")
+    return config, (getattr(torch, source_dtype) if source_dtype in _DTYPES else None)
 
 
-def _gptq_format(checkpoint_format: str) -> CheckpointFormat:
-    def qconfig(result, weights) -> dict:
-        qw = _first(weights)
-        cfg = result.config
-        return {
-            "quant_method": "gptq",
-            "bits": qw.bits,
-            "group_size": qw.group_size,
-            "desc_act": bool(getattr(cfg, "act_order", False)),
-            "static_groups": bool(getattr(cfg, "static_groups", False)),
-            "sym": qw.sym,
-            "true_sequential": bool(getattr(cfg, "true_sequential", True)),
-            "damp_percent": getattr(cfg, "damp_percent", 0.01),  # RTN: a placeholder loaders need
-            "lm_head": False,
-            "checkpoint_format": checkpoint_format,
-            "format": checkpoint_format,
-            "pack_dtype": "int32",
-            "meta": {"quantizer": [f"quantlab:{__version__}"], "method": result.method},
-        }
-
-    def notes(weights) -> list[str]:
-        out = []
-        partial = sorted(
-            {q.shape[1] for q in weights.values() if q.group_size > 0 and q.shape[1] % q.group_size}
-        )
-        if partial:
-            out.append(
-                f"in_features {partial} are not multiples of group size "
-                f"{_first(weights).group_size}: the last group is shorter. GPTQModel's torch "
-                "kernel and quantlab read it; Marlin/ExLlama/vLLM kernels refuse such shapes."
-            )
-        if any(q.act_order for q in weights.values()):
-            out.append("act-order (desc_act) g_idx: kernels without g_idx support cannot run it")
-        if checkpoint_format == "gptq_v2":
-            out.append("checkpoint_format gptq_v2: read by GPTQModel; most other loaders read v1")
-        return out
-
-    return CheckpointFormat(
-        checkpoint_format,
-        lambda name, qw: layouts.pack_gptq(name, qw, checkpoint_format),
-        qconfig,
-        notes,
-    )
+def check_uniform(label: str, summaries: dict[str, WeightSummary]) -> None:
+    """One bits/group_size/sym for every linear (what ``quantization_config`` can describe)."""
+    if not summaries:
+        raise FormatError("nothing was quantized: no linear to write")
+    if len({(q.bits, q.group_size, q.sym) for q in summaries.values()}) != 1:
+        raise FormatError(f"{label} checkpoints need one bits/group_size/sym for every linear")
 
 
-def _awq_qconfig(result, weights) -> dict:
-    qw = _first(weights)
-    return {
-        "quant_method": "awq",
-        "bits": 4,
-        "group_size": qw.group_size,
-        "zero_point": True,
-        "version": "gemm",
-        "modules_to_not_convert": None,
-    }
-
-
-FORMATS: dict[str, CheckpointFormat] = {
-    "gptq": _gptq_format("gptq"),
-    "gptq_v2": _gptq_format("gptq_v2"),
-    "awq": CheckpointFormat("awq", layouts.pack_awq, _awq_qconfig, lambda weights: []),
-}
-
-
-def format_names() -> list[str]:
-    return sorted(FORMATS)
-
-
-def _state_tensors(
+def state_tensors(
     model, quantized: set[str], dtype: torch.dtype | None, keep: set[str]
 ) -> dict[str, torch.Tensor]:
     """The model's tensors minus the quantized linears' weights; tied tensors once; floating
@@ -146,7 +100,8 @@ def _state_tensors(
     return out
 
 
-def _save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
+def save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> list[str]:
+    """``tensors`` as ``model.safetensors``, or shards of at most ``max_shard_bytes`` + index."""
     from safetensors.torch import save_file
 
     shards: list[dict[str, torch.Tensor]] = [{}]
@@ -173,133 +128,226 @@ def _save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes
     return [*names, "model.safetensors.index.json"]
 
 
-@dataclass(frozen=True)
-class WeightSummary:
-    """What the folder-level files (config, notes, manifest) need to know of one quantized linear;
-    the streaming writer keeps these instead of the tensors."""
+class HFCheckpointFormat(Format):
+    """A Hugging Face folder with ``quantization_config``; subclasses fill in the layout."""
 
-    shape: tuple[int, int]
-    bits: int
-    group_size: int
-    sym: bool
-    act_order: bool
+    streams = True
+    parts: tuple[str, ...] = ()  # the tensors of one quantized linear, ``<linear>.<part>``
+    marker: str = "qweight"  # the part every quantized linear has
 
-    @classmethod
-    def of(cls, qw) -> WeightSummary:
-        return cls(tuple(qw.shape), qw.bits, qw.group_size, qw.sym, qw.act_order)
+    # --- what a subclass says -----------------------------------------------------------------
+    def pack(self, name: str, qw, options) -> dict[str, torch.Tensor]:
+        """One linear's tensors (``part -> tensor``); `FormatError` for what it cannot hold."""
+        raise NotImplementedError
 
+    def quantization_config(self, method: str, config, summaries: dict, options) -> dict:
+        raise NotImplementedError
 
-def checkpoint_spec(fmt: str) -> CheckpointFormat:
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown checkpoint format {fmt!r}; known: {', '.join(FORMATS)}")
-    return FORMATS[fmt]
+    def checkpoint_notes(self, summaries: dict, options) -> list[str]:
+        return []
 
+    def extra_files(self, qconfig: dict) -> dict[str, dict]:
+        """Other JSON files the format's loaders expect (name -> content)."""
+        return {}
 
-def check_uniform(fmt: str, summaries: dict[str, WeightSummary]) -> None:
-    """One bits/group_size/sym for every linear (what ``quantization_config`` can describe)."""
-    if not summaries:
-        raise FormatError("nothing was quantized: no linear to write")
-    if len({(q.bits, q.group_size, q.sym) for q in summaries.values()}) != 1:
-        raise FormatError(f"{fmt} checkpoints need one bits/group_size/sym for every linear")
+    def read_options(self, qc: dict, path: Path):
+        """This format's options if ``qc`` (a ``quantization_config``) is one of its own."""
+        return None
 
+    def decoder(self, qc: dict, options, dtype: torch.dtype) -> Callable:
+        """``decode(name, parts, out, in) -> QuantizedWeight`` for this checkpoint."""
+        raise NotImplementedError
 
-def pack_linears(spec: CheckpointFormat, weights: dict) -> dict[str, torch.Tensor]:
-    """Every linear of ``weights`` packed into the format's tensors (refusals raise here)."""
-    packed: dict[str, torch.Tensor] = {}
-    for name, qw in weights.items():
-        for part, tensor in spec.pack(name, qw).items():
-            packed[f"{name}.{part}"] = tensor
-    return packed
+    def code_bits(self, qc: dict) -> int:
+        return int(qc.get("bits", 4))
 
+    # --- writing --------------------------------------------------------------------------------
+    def pack_linears(self, weights: dict, options) -> dict[str, torch.Tensor]:
+        """Every linear of ``weights`` packed into the format's tensors (refusals raise here)."""
+        packed: dict[str, torch.Tensor] = {}
+        for name, qw in weights.items():
+            for part, tensor in self.pack(name, qw, options).items():
+                packed[f"{name}.{part}"] = tensor
+        return packed
 
-def source_config(source) -> tuple[dict, torch.dtype | None]:
-    """The source's config.json and the dtype its weights are stored in (None if it says none)."""
-    config = json.loads((Path(source.path) / "config.json").read_text())
-    source_dtype = config.get("dtype") or config.get("torch_dtype")
-    return config, (getattr(torch, source_dtype) if source_dtype in _DTYPES else None)
+    def write(self, request: WriteRequest) -> Path:
+        result, model, options = request.result, request.model, request.options
+        if result is None or model is None:
+            raise QuantlabError(f"format {self.name} writes a method's result")
+        summaries = {name: WeightSummary.of(qw) for name, qw in result.weights.items()}
+        check_uniform(self.label(options), summaries)
+        packed = self.pack_linears(result.weights, options)  # refuses before touching the disk
+        config, dtype = source_config(request.source)
+        tensors = state_tensors(model, set(result.weights), dtype, set(result.modified))
+        tensors.update(packed)
+        out = Path(request.out)
+        with atomic_directory(out) as tmp:
+            files = save_shards(tensors, tmp, request.max_shard_bytes)
+            self.finish_folder(tmp, result, summaries, config, request.source, files, options)
+        return out
 
+    def stream(self, request: WriteRequest, run: Callable) -> tuple[Path, object]:
+        """Write the artifact block by block: ``run(sink)`` performs the block walk, handing
+        each finished block (a `BlockResult`) to ``sink``, and returns the run's result; the
+        embedding, final norm and head are then copied from the source's shards as stored.
+        Returns the path and the result."""
+        from quantlab.formats.shards import ShardWriter
+        from quantlab.models.shards import TensorSource
 
-def finish_folder(
-    tmp: Path,
-    fmt: str,
-    result,
-    summaries: dict[str, WeightSummary],
-    config: dict,
-    source,
-    files: list[str],
-) -> None:
-    """Write everything but the weights into ``tmp``: config.json with ``quantization_config``,
-    quantize_config.json (GPTQ), the source's tokenizer and other small files, the importance
-    matrix, and the manifest last (with every file's sha256, ``files`` included)."""
-    from safetensors.torch import save_file
+        source, options = request.source, request.options
+        if not source.folder.tensors:
+            raise QuantlabError(f"{source.path}: streaming reads safetensors shards; found none")
+        config, stored_dtype = source_config(source)
+        # what the in-memory writer does: the loaded (float32) model's tensors in the config's
+        # dtype, float32 when the config names none
+        out_dtype = stored_dtype or torch.float32
+        blocks = source.folder.arch.blocks
+        tensors = TensorSource(source.folder)
+        summaries: dict[str, WeightSummary] = {}
 
-    spec = FORMATS[fmt]
-    config = dict(config)
-    config["quantization_config"] = spec.quantization_config(result, summaries)
-    for item in sorted(Path(source.path).iterdir()):
-        skip = item.name in SKIP_FILES or item.name == MANIFEST
-        if item.is_file() and not skip and item.suffix not in WEIGHT_SUFFIXES:
-            shutil.copy2(item, tmp / item.name)
-            files.append(item.name)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    files.append("config.json")
-    if fmt.startswith("gptq"):
-        (tmp / "quantize_config.json").write_text(
-            json.dumps(config["quantization_config"], indent=2) + "\n"
+        def as_written(t: torch.Tensor) -> torch.Tensor:
+            return t.to(out_dtype) if t.is_floating_point() else t
+
+        out = Path(request.out)
+        with (
+            atomic_directory(out) as tmp,
+            ShardWriter(tmp, request.max_shard_bytes) as writer,
+        ):
+
+            def sink(done) -> None:
+                for name, qw in done.weights.items():
+                    summaries[name] = WeightSummary.of(qw)
+                check_uniform(self.label(options), summaries)
+                packed = self.pack_linears(done.weights, options)  # refuses what it cannot hold
+                linear_weights = {f"{name}.weight" for name in done.weights}
+                for local, tensor in done.block.state_dict().items():
+                    name = f"{done.prefix}.{local}"
+                    if name in linear_weights:
+                        continue
+                    if name in done.modified:  # AWQ-scaled norms stay float32: no second rounding
+                        writer.add(name, done.modified[name].float())
+                    else:
+                        writer.add(name, as_written(tensor))
+                for name, tensor in packed.items():
+                    writer.add(name, tensor)
+
+            result = run(sink)
+            outer = [n for n in tensors.names() if not n.startswith(blocks + ".")]
+            for name in outer:  # embedding, final norm, head: as stored, one at a time
+                for key, tensor in tensors.read([name]).items():
+                    writer.add(key, as_written(tensor))
+            files = writer.close()
+            self.finish_folder(tmp, result, summaries, config, source, files, options)
+        return out, result
+
+    def finish_folder(self, tmp: Path, result, summaries, config, source, files, options) -> None:
+        """Write everything but the weights into ``tmp``: config.json with
+        ``quantization_config``, the format's extra files, the source's tokenizer and other small
+        files, the importance matrix, and the manifest last (with every file's sha256)."""
+        from safetensors.torch import save_file
+
+        config = dict(config)
+        qconfig = self.quantization_config(result.method, result.config, summaries, options)
+        config["quantization_config"] = qconfig
+        for item in sorted(Path(source.path).iterdir()):
+            skip = item.name in SKIP_FILES or item.name == MANIFEST
+            if item.is_file() and not skip and item.suffix not in WEIGHT_SUFFIXES:
+                shutil.copy2(item, tmp / item.name)
+                files.append(item.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        files.append("config.json")
+        for name, content in self.extra_files(qconfig).items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n")
+            files.append(name)
+        if result.imatrix:
+            imatrix = {k: v.contiguous() for k, v in result.imatrix.items()}
+            save_file(imatrix, tmp / "imatrix.safetensors")
+            files.append("imatrix.safetensors")
+        manifest = {
+            "format": self.label(options),
+            "quantlab_version": __version__,
+            "method": result.method,
+            "config": dataclasses.asdict(result.config),
+            "quantization_config": qconfig,
+            "linears": {n: list(q.shape) for n, q in summaries.items()},
+            "calibration": result.calibration,
+            "imatrix_tokens": result.imatrix_tokens,
+            "source": source_record(source),
+            "quantize_seconds": round(result.seconds, 3),
+            "notes": self.checkpoint_notes(summaries, options),
+            "files": {f: content_sha256(tmp / f) for f in sorted(files)},
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    # --- reading --------------------------------------------------------------------------------
+    def detect(self, path: Path):
+        from quantlab.formats.loader import quantization_config
+
+        qc = quantization_config(Path(path))
+        return None if qc is None else self.read_options(qc, Path(path))
+
+    def _decoder(self, qc: dict, options, dtype: torch.dtype) -> Callable:
+        """`decoder`, with a ``quantization_config`` of the wrong shape or types refused as a
+        `CorruptFileError`."""
+        try:
+            return self.decoder(qc, options, dtype)
+        except (TypeError, ValueError, AttributeError, KeyError) as exc:
+            detail = f"{type(exc).__name__}: {exc}"
+            raise CorruptFileError(f"quantization_config is malformed ({detail})") from None
+
+    def check_config(self, path: Path) -> None:
+        from quantlab.formats.loader import quantization_config
+
+        qc = quantization_config(Path(path))
+        self._decoder(qc, self.read_options(qc, Path(path)), torch.float16)
+
+    def load(self, path: Path, *, dtype: str = "float32", verify: bool = True, cache=None):
+        from quantlab.formats.loader import load_quantized_folder, quantization_config
+
+        path = Path(path)
+        qc = quantization_config(path)
+        options = self.read_options(qc, path)
+        decode = self._decoder(qc, options, getattr(torch, dtype))
+        return load_quantized_folder(
+            path, self.label(options), decode, self.parts, self.marker, dtype=dtype, verify=verify
         )
-        files.append("quantize_config.json")
-    if result.imatrix:
-        imatrix = {k: v.contiguous() for k, v in result.imatrix.items()}
-        save_file(imatrix, tmp / "imatrix.safetensors")
-        files.append("imatrix.safetensors")
-    manifest = {
-        "format": fmt,
-        "quantlab_version": __version__,
-        "method": result.method,
-        "config": dataclasses.asdict(result.config),
-        "quantization_config": config["quantization_config"],
-        "linears": {n: list(q.shape) for n, q in summaries.items()},
-        "calibration": result.calibration,
-        "imatrix_tokens": result.imatrix_tokens,
-        "source": source_record(source),
-        "quantize_seconds": round(result.seconds, 3),
-        "notes": spec.notes(summaries),
-        "files": {f: content_sha256(tmp / f) for f in sorted(files)},
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
+    def size(self, path: Path) -> ArtifactSize:
+        """Tensor bytes of the weight files, and the weights they encode (a packed word of
+        ``qweight`` holds 32 / bits codes; scales, zeros and indices are overhead)."""
+        from quantlab.formats.loader import quantization_config
+        from quantlab.models.folder import SAFETENSORS_DTYPE_SIZES, read_safetensors_header
 
-def write_checkpoint(
-    fmt: str,
-    result,
-    model,
-    source,
-    out_dir: str | Path,
-    *,
-    max_shard_bytes: int = 2 * 1024**3,
-) -> Path:
-    """Write ``result`` (of ``model``, quantized from ``source``) as a ``fmt`` checkpoint."""
-    spec = checkpoint_spec(fmt)
-    weights = result.weights
-    summaries = {name: WeightSummary.of(qw) for name, qw in weights.items()}
-    check_uniform(fmt, summaries)
-    packed = pack_linears(spec, weights)  # packs (and refuses) before anything touches the disk
-    config, dtype = source_config(source)
-    tensors = _state_tensors(model, set(weights), dtype, set(result.modified))
-    tensors.update(packed)
-    out_dir = Path(out_dir)
-    with atomic_directory(out_dir) as tmp:
-        files = _save_shards(tensors, tmp, max_shard_bytes)
-        finish_folder(tmp, fmt, result, summaries, config, source, files)
-    return out_dir
+        bits = self.code_bits(quantization_config(Path(path)))
+        files = sorted(
+            p for p in Path(path).glob("*.safetensors") if p.name != "imatrix.safetensors"
+        )
+        infos = [t for f in files for t in read_safetensors_header(f)]
+        tensor_bytes = sum(t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype] for t in infos)
+        overhead = set(self.parts) - {self.marker}
+        weights = 0
+        for t in infos:
+            part = t.name.rsplit(".", 1)[-1]
+            if part == self.marker:
+                weights += t.numel * 32 // bits  # int32 words of packed codes
+            elif part not in overhead:
+                weights += t.numel
+        return ArtifactSize(tensor_bytes, weights)
 
+    def verify(self, path: Path, check) -> None:
+        path = Path(path)
+        manifest = read_manifest(path)
+        if manifest is None:
+            if (path / MANIFEST).is_file():
+                raise CorruptFileError(f"{path / MANIFEST} is not a valid JSON object")
+            check("manifest", "none (not written by quantlab): checksums not checked")
+        else:
+            verify_files(path, manifest)
+            check("checksums", f"{len(manifest.get('files', {}))} files match the manifest")
+        self.load(path, verify=False)  # shapes against the config, dtypes, every tensor read
+        check("loads", "tensors match the config; the model loads")
 
-def read_manifest(path: str | Path) -> dict | None:
-    """The quantlab manifest of a checkpoint folder, or None when there is none."""
-    manifest = Path(path) / MANIFEST
-    if not manifest.is_file():
-        return None
-    try:
-        return json.loads(manifest.read_text())
-    except ValueError:
-        return None
+    def notes(self, path: Path) -> list[str]:
+        manifest = read_manifest(path) or {}
+        notes = manifest.get("notes", [])
+        return notes if isinstance(notes, list) else []

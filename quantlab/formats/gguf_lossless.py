@@ -1,4 +1,4 @@
-"""GPTQ / RTN results as GGUF blocks without a second rounding.
+"""A method's result (RTN, GPTQ, AWQ, ...) as GGUF blocks without a second rounding.
 
 Where a `QuantizedWeight` is exactly representable as a GGUF block type, its codes and scales are
 written as those blocks directly, so the GGUF file computes the same function as the GPTQ result
@@ -13,8 +13,10 @@ written as those blocks directly, so the GGUF file computes the same function as
 
 Scales are float16 values already (`quantlab.primitives.scale_zero`), so ``d`` is exact; for Q4_1
 the offset ``m = -scale * zero`` must be a float16 value too, which is checked per group. Anything
-else is refused with the reason. The other tensors (embeddings, norms, and linears not quantized)
-are copied from a full-precision GGUF of the same model; for the llama architecture llama.cpp's
+else is refused with the reason. Parameters the method changed besides the linears (AWQ's
+scaled norms, a scaled ``v_proj`` bias) are written as F32 in place of the full-precision file's.
+The other tensors (embeddings, norms, and linears not quantized) are copied from a
+full-precision GGUF of the same model; for the llama architecture llama.cpp's
 converter stores attention q/k rows in an interleaved rotary order, so those rows are permuted
 the same way (qwen2/qwen3 keep the Hugging Face order).
 """
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 from quantlab.errors import FormatError
-from quantlab.formats.gguf_quant import gguf_tensor_name
+from quantlab.formats.gguf_quant import gguf_parameter_name, gguf_tensor_name
 from quantlab.types import QuantizedWeight
 
 BLOCK = 32
@@ -147,11 +149,19 @@ def write_lossless_gguf(
     missing = sorted(set(blocks) - names)
     if missing:
         raise FormatError(f"{full_precision} has no tensor {missing[0]}")
-    if result.modified:
-        raise FormatError(
-            "results that change other tensors (AWQ's scaled norms) are not written as lossless "
-            "GGUF; use --format gguf (llama.cpp quantization)"
-        )
+    # other parameters the method changed (AWQ's scaled norms, a scaled v_proj bias): written
+    # as F32 in place of the full-precision file's; a changed linear weight is its blocks
+    changed: dict[str, np.ndarray] = {}
+    for name, value in result.modified.items():
+        module, _, kind = name.rpartition(".")
+        if kind == "weight" and module in result.weights:
+            continue
+        if permute and (_Q.search(module) or _K.search(module)):
+            raise FormatError(f"{name}: a changed q/k parameter is not written to GGUF")
+        changed[gguf_parameter_name(name)] = value.detach().float().numpy()
+    missing = sorted(set(changed) - names)
+    if missing:
+        raise FormatError(f"{full_precision} has no tensor {missing[0]}")
     strings = {"quantlab.method": result.method}
     if result.calibration:
         strings["quantlab.calibration.sha256"] = result.calibration["sha256"]
@@ -160,6 +170,10 @@ def write_lossless_gguf(
         if t.name in blocks:
             gtype, raw = blocks[t.name]
             return raw, GGMLQuantizationType[gtype]
+        if t.name in changed:
+            if tuple(changed[t.name].shape) != tuple(np.array(t.data).shape):
+                raise FormatError(f"{t.name}: changed parameter's shape differs from the file's")
+            return changed[t.name], GGMLQuantizationType.F32
         return np.array(t.data), t.tensor_type
 
     file_type = FILE_TYPES[max(kinds, key=list(FILE_TYPES).index)]

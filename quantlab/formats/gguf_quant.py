@@ -46,6 +46,8 @@ HF_TO_GGUF = {
     "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+# the norms inside a block (AWQ folds its scales into them)
+HF_NORM_TO_GGUF = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
 _BLOCK = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
 
@@ -55,6 +57,19 @@ def gguf_tensor_name(hf_linear: str) -> str:
     if not match or match.group(2) not in HF_TO_GGUF:
         raise QuantlabError(f"no GGUF tensor name for linear {hf_linear!r}")
     return f"blk.{match.group(1)}.{HF_TO_GGUF[match.group(2)]}.weight"
+
+
+def gguf_parameter_name(hf_parameter: str) -> str:
+    """A block parameter's GGUF name: ``model.layers.3.input_layernorm.weight`` ->
+    ``blk.3.attn_norm.weight``; ``model.layers.3.self_attn.v_proj.bias`` ->
+    ``blk.3.attn_v.bias``."""
+    module, _, kind = hf_parameter.rpartition(".")
+    match = _BLOCK.match(module)
+    if match and match.group(2) in HF_NORM_TO_GGUF and kind == "weight":
+        return f"blk.{match.group(1)}.{HF_NORM_TO_GGUF[match.group(2)]}.weight"
+    if match and match.group(2) in HF_TO_GGUF and kind in ("weight", "bias"):
+        return gguf_tensor_name(module).removesuffix(".weight") + f".{kind}"
+    raise QuantlabError(f"no GGUF tensor name for parameter {hf_parameter!r}")
 
 
 def gguf_imatrix(imatrix: dict) -> dict[str, np.ndarray]:
@@ -88,7 +103,7 @@ def quantize_gguf(
 
     ``imatrix`` maps Hugging Face linear names (or GGUF tensor names) to mean x^2 per input column.
     """
-    from quantlab.formats.gguf_file import open_gguf
+    from quantlab.formats.gguf_file import read_header
 
     gguf_type = gguf_type.upper()
     if gguf_type not in GGUF_TYPES:
@@ -109,9 +124,7 @@ def quantize_gguf(
     params.nthread = nthread
     keep = []  # ctypes buffers must outlive the call
     if imatrix:
-        reader = open_gguf(src)  # a corrupt source fails here with a clean error
-        names = {t.name for t in reader.tensors}
-        del reader
+        names = {t.name for t in read_header(src).tensors}  # a corrupt source fails here
         entries = {k if k in names else gguf_tensor_name(k): v for k, v in imatrix.items()}
         missing = sorted(set(entries) - names)
         if missing:
@@ -141,7 +154,7 @@ def quantize_gguf(
             str(src).encode(), str(tmp).encode(), ctypes.byref(params)
         )
         if rc != 0:
-            open_gguf(src)  # names the problem if the source is truncated or corrupt
+            read_header(src)  # names the problem if the source is truncated or corrupt
             raise QuantlabError(f"llama.cpp could not quantize {src} to {gguf_type} (code {rc})")
         os.replace(tmp, dst)
     finally:
@@ -151,14 +164,20 @@ def quantize_gguf(
 
 def tensor_types(path: str | os.PathLike) -> dict[str, str]:
     """Each tensor's GGML type name (``blk.0.attn_q.weight`` -> ``Q4_K``)."""
-    from quantlab.formats.gguf_file import open_gguf
+    from quantlab.formats.gguf_file import read_header
 
-    return {t.name: t.tensor_type.name for t in open_gguf(path).tensors}
+    return {t.name: t.type_name for t in read_header(path).tensors}
 
 
-def type_mix(path: str | os.PathLike) -> dict[str, int]:
-    """How many tensors of each type the file holds, most common first."""
-    return dict(Counter(tensor_types(path).values()).most_common())
+def type_mix(path: str | os.PathLike, types: dict[str, str] | None = None) -> dict[str, int]:
+    """How many tensors of each type the file holds (or ``types`` says), most common first."""
+    types = tensor_types(path) if types is None else types
+    return dict(Counter(types.values()).most_common())
+
+
+def imatrix_file(path: str | os.PathLike) -> Path:
+    """Where the imatrix file of a GGUF artifact is saved: ``<stem>.imatrix.gguf`` beside it."""
+    return Path(path).with_name(Path(path).stem + ".imatrix.gguf")
 
 
 def write_imatrix_gguf(
@@ -186,15 +205,16 @@ def write_gguf_manifest(out: Path, src: Path | None, source, **fields) -> Path:
     import json
 
     from quantlab.fingerprint import content_sha256
-    from quantlab.formats.native import source_record
+    from quantlab.formats.manifest import source_record
 
+    types = tensor_types(out)
     manifest = {
         "format": "gguf",
         **fields,
         "source_gguf": {"path": str(src), "sha256": content_sha256(src)} if src else None,
         "source": source_record(source),
-        "type_mix": type_mix(out),
-        "tensor_types": tensor_types(out),
+        "type_mix": type_mix(out, types),
+        "tensor_types": types,
         "files": {out.name: content_sha256(out)},
     }
     path = out.with_name(out.name + ".manifest.json")
@@ -252,8 +272,9 @@ def llama_cpp_artifact(
     values = None
     if imatrix is not None:
         values, rows = imatrix
-        imatrix_file = out.with_name(out.stem + ".imatrix.gguf")
-        write_imatrix_gguf(imatrix_file, values, rows, [corpus_label], calibration.config.seq_len)
+        write_imatrix_gguf(
+            imatrix_file(out), values, rows, [corpus_label], calibration.config.seq_len
+        )
     quantize_gguf(
         src,
         out,

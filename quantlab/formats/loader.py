@@ -1,97 +1,50 @@
 """Read quantized checkpoints - quantlab's and everyone else's - into a transformers model.
 
-``load(path)`` recognises, from ``config.json``'s ``quantization_config``:
-- ``quant_method: gptq``: ``checkpoint_format`` (or ``format``) ``gptq`` (v1, zeros minus one) or
-  ``gptq_v2``; any bit width 2/3/4/8, ``desc_act`` ``g_idx``, partial last groups;
-- ``quant_method: awq``: ``version: gemm`` (other AWQ kernels' layouts are refused by name);
-- ``quant_method: compressed-tensors``: ``format: pack-quantized`` integer weight schemes (W4A16,
-  W8A16, group / channel, symmetric or not), as llm-compressor writes them;
-and a quantlab-native artifact (its tensors applied to its source model). Every quantized linear
-becomes a `QuantLinear`; every other tensor is loaded as is. Shapes are checked against the
-architecture; a missing, unexpected or misshapen tensor is refused naming it; when the folder has a
-quantlab manifest its file checksums are verified first.
+``load(path)`` (also ``quantlab.load``) asks the format registry which format the artifact is
+(`quantlab.formats.registry.detect`) and lets that format load it. The Hugging Face checkpoint
+formats (GPTQ, AWQ, compressed-tensors) share `load_quantized_folder`: every linear whose marker
+tensor is present is decoded by the format into a `QuantizedWeight` and becomes a `QuantLinear`;
+every other tensor is loaded as is. Shapes are checked against the architecture; a missing,
+unexpected or misshapen tensor is refused naming it; when the folder has a quantlab manifest its
+file checksums are verified first.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from quantlab.errors import CorruptFileError, InvalidModelError, QuantlabError
-from quantlab.fingerprint import content_sha256
-from quantlab.formats import layouts
-from quantlab.formats.checkpoint import read_manifest
-from quantlab.types import QuantizedWeight
-
-_GPTQ_PARTS = ("qweight", "qzeros", "scales", "g_idx")
-_AWQ_PARTS = ("qweight", "qzeros", "scales")
-_CT_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
+from quantlab.errors import CorruptFileError, InvalidModelError
+from quantlab.formats.manifest import read_manifest, verify_files
+from quantlab.formats.registry import LoadedCheckpoint, detect
 
 
-@dataclass
-class LoadedCheckpoint:
-    """What `load` found: the format, its settings, and each quantized linear."""
-
-    path: Path
-    format: str  # gptq | gptq_v2 | awq | compressed-tensors | quantlab-native
-    quantization_config: dict
-    weights: dict[str, QuantizedWeight] = field(default_factory=dict)
-    manifest: dict | None = None
-
-
-def _config(path: Path) -> dict:
+def read_config(path: Path) -> dict:
+    """A folder's config.json, or a clean error."""
     try:
-        return json.loads((path / "config.json").read_text())
+        data = json.loads((path / "config.json").read_bytes().decode("utf-8"))
     except FileNotFoundError:
         raise InvalidModelError(f"{path} has no config.json") from None
-    except ValueError as exc:
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CorruptFileError(f"{path / 'config.json'} is not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise CorruptFileError(f"{path / 'config.json'} is not a JSON object")
+    return data
 
 
-def detect_format(path: str | Path) -> str | None:
-    """The quantized format of a folder, or None for an unquantized model / anything else."""
-    from quantlab.formats.native import is_native
-
-    path = Path(path)
-    if not path.is_dir():
+def quantization_config(path: Path) -> dict | None:
+    """The ``quantization_config`` of a folder's config.json (None when it has none)."""
+    if not path.is_dir() or not (path / "config.json").is_file():
         return None
-    if is_native(path):
-        return "quantlab-native"
-    if not (path / "config.json").is_file():
-        return None
-    qc = _config(path).get("quantization_config")
-    if not isinstance(qc, dict):
-        return None
-    method = str(qc.get("quant_method", "")).lower()
-    if method == "gptq":
-        fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
-        if fmt not in layouts.GPTQ_FORMATS:
-            raise QuantlabError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported")
-        return fmt
-    if method == "awq":
-        version = str(qc.get("version") or qc.get("format") or "gemm").lower()
-        if version != "gemm":
-            raise QuantlabError(f"{path}: AWQ version {version!r} is not supported (only gemm)")
-        return "awq"
-    if method == "compressed-tensors":
-        # other compressed-tensors formats (float8, ...) are left to transformers
-        return "compressed-tensors" if qc.get("format") == "pack-quantized" else None
-    return None  # another quantization method: transformers' own loader may read it
+    qc = read_config(path).get("quantization_config")
+    return qc if isinstance(qc, dict) else None
 
 
-def _verify(path: Path, manifest: dict) -> None:
-    for name, digest in manifest.get("files", {}).items():
-        f = path / name
-        if not f.is_file():
-            raise CorruptFileError(f"{f} is listed in the manifest but missing")
-        if content_sha256(f) != digest:
-            raise CorruptFileError(f"{f} does not match its checksum in the manifest")
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a folder's safetensors weights (the index's files when there is one)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -99,7 +52,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if index.is_file():
         try:
             files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CorruptFileError(f"{index} is not a valid index ({exc})") from None
     else:
         files = sorted(
@@ -119,96 +72,41 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _decoder(fmt: str, qc: dict, dtype: torch.dtype):
-    """``decode(name, parts, out, in) -> QuantizedWeight`` and the tensor parts it reads; a
-    quantization_config with values of the wrong type is a `CorruptFileError`."""
-    try:
-        return _decoder_for(fmt, qc, dtype)
-    except (TypeError, ValueError, AttributeError, KeyError) as exc:
-        detail = f"{type(exc).__name__}: {exc}"
-        raise CorruptFileError(f"quantization_config is malformed ({detail})") from None
+Decode = Callable[[str, dict, int, int], object]  # (name, parts, out, in) -> QuantizedWeight
 
 
-def _decoder_for(fmt: str, qc: dict, dtype: torch.dtype):
-    if fmt in layouts.GPTQ_FORMATS:
-        if "bits" not in qc:
-            raise CorruptFileError("quantization_config has no 'bits'")
-        bits, gs, sym = int(qc["bits"]), int(qc.get("group_size", -1)), bool(qc.get("sym", True))
-
-        def gptq(name, parts, out, cols):
-            return layouts.unpack_gptq(
-                name, parts, out, cols, bits=bits, group_size=gs, sym=sym,
-                checkpoint_format=fmt, dtype=dtype,
-            )  # fmt: skip
-
-        return gptq, _GPTQ_PARTS, "qweight"
-    if fmt == "awq":
-        if int(qc.get("bits", qc.get("w_bit", 4))) != 4:
-            raise QuantlabError("AWQ GEMM checkpoints are 4-bit; this one says otherwise")
-        gs = int(qc.get("group_size", qc.get("q_group_size", 128)))
-
-        def awq(name, parts, out, cols):
-            return layouts.unpack_awq(name, parts, out, cols, group_size=gs, dtype=dtype)
-
-        return awq, _AWQ_PARTS, "qweight"
-    if fmt == "compressed-tensors":
-        groups = qc.get("config_groups") or {}
-        schemes = [g.get("weights") for g in groups.values() if g.get("weights")]
-        if len(schemes) != 1:
-            raise QuantlabError("compressed-tensors: exactly one weight scheme is supported")
-        w = schemes[0]
-        if w.get("strategy") not in ("group", "channel") or "num_bits" not in w:
-            raise QuantlabError(
-                f"compressed-tensors weight strategy {w.get('strategy')!r} is not supported "
-                "(group and channel are)"
-            )
-        if w.get("type", "int") != "int" or (qc.get("config_groups", {}) and any(
-            g.get("input_activations") for g in groups.values()
-        )):  # fmt: skip
-            raise QuantlabError("compressed-tensors: only integer weight-only schemes are read")
-        bits, sym = int(w["num_bits"]), bool(w.get("symmetric", True))
-        gs = w.get("group_size") if w.get("strategy") == "group" else -1
-
-        def ct(name, parts, out, cols):
-            qw = layouts.unpack_compressed(
-                name, parts, bits=bits, group_size=gs, sym=sym, dtype=dtype
-            )
-            if qw.shape != (out, cols):
-                raise CorruptFileError(f"tensor {name}.weight_shape {list(qw.shape)} != model's")
-            return qw
-
-        return ct, _CT_PARTS, "weight_packed"
-    raise QuantlabError(f"unsupported format {fmt}")
-
-
-def load(path: str | Path, *, dtype: str = "float32", verify: bool = True):
-    """``(model, LoadedCheckpoint)``: the checkpoint in a transformers model, in eval mode."""
+def load_quantized_folder(
+    path: Path,
+    label: str,
+    decode: Decode,
+    parts: tuple[str, ...],
+    marker: str,
+    *,
+    dtype: str = "float32",
+    verify: bool = True,
+):
+    """``(model, LoadedCheckpoint)`` of a Hugging Face quantized checkpoint folder whose
+    quantized linears are the tensors ``<linear>.<part>`` that ``decode`` turns into a
+    `QuantizedWeight` (``marker`` is the part every quantized linear has)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from quantlab.models.arch import arch_spec_for_config
     from quantlab.qlinear import QuantLinear
 
-    path = Path(path)
-    fmt = detect_format(path)
-    if fmt is None:
-        raise InvalidModelError(f"{path} is not a quantized checkpoint quantlab can read")
     torch_dtype = getattr(torch, dtype)
-    if fmt == "quantlab-native":
-        return _load_native(path, dtype, verify)
     manifest = read_manifest(path)
     if manifest is not None and verify:
-        _verify(path, manifest)
-    config_dict = _config(path)
+        verify_files(path, manifest)
+    config_dict = read_config(path)
     arch_spec_for_config(config_dict)  # unsupported architectures (and remote code) stop here
     qc = config_dict["quantization_config"]
-    decode, parts, marker = _decoder(fmt, qc, torch_dtype)
-    tensors = _read_tensors(path)
+    tensors = read_tensors(path)
 
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    checkpoint = LoadedCheckpoint(path, fmt, qc, manifest=manifest)
+    checkpoint = LoadedCheckpoint(path, label, qc, manifest=manifest)
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear) or f"{name}.{marker}" not in tensors:
             continue
@@ -228,11 +126,11 @@ def load(path: str | Path, *, dtype: str = "float32", verify: bool = True):
         model.set_submodule(name, QuantLinear(qw, None if bias is None else bias.to(torch_dtype)))
     if not checkpoint.weights:
         raise CorruptFileError(f"{path}: no quantized linear found ({marker} tensors)")
-    _load_rest(model, tensors, torch_dtype)
+    _load_rest(model, tensors)
     return model.eval(), checkpoint
 
 
-def _load_rest(model, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+def _load_rest(model, tensors: dict[str, torch.Tensor]) -> None:
     expected = model.state_dict()
     for name, tensor in tensors.items():
         if name not in expected:
@@ -260,13 +158,12 @@ def _load_rest(model, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> N
     model.tie_weights()
 
 
-def _load_native(path: Path, dtype: str, verify: bool):
-    from quantlab.formats.native import apply_native, read_native
-    from quantlab.models import load_model, resolve_model
-
-    artifact = read_native(path, verify=verify)
-    source = resolve_model(artifact.manifest["source"]["path"])
-    model = load_model(source, dtype=dtype)
-    apply_native(model, artifact)
-    qc = {k: artifact.manifest[k] for k in ("method", "bits", "group_size", "sym")}
-    return model, LoadedCheckpoint(path, "quantlab-native", qc, artifact.weights, artifact.manifest)
+def load(path: str | Path, *, dtype: str = "float32", verify: bool = True, cache=None):
+    """``(model, LoadedCheckpoint)``: the quantized artifact at ``path`` in a transformers
+    model, in eval mode, whatever registered format it is."""
+    path = Path(path)
+    found = detect(path)
+    if found is None:
+        raise InvalidModelError(f"{path} is not a quantized checkpoint quantlab can read")
+    fmt, _ = found
+    return fmt.load(path, dtype=dtype, verify=verify, cache=cache)

@@ -8,28 +8,37 @@ Layout of an artifact folder (written atomically; ``quantlab_manifest.json`` las
 - ``quantlab_manifest.json``: format, quantlab version, method and config, bits per linear,
   calibration provenance, the source model (spec, path, content sha256) and each file's sha256.
 
-The unquantized rest of the model is not copied: loading applies the tensors to the source model.
-GPTQ/AWQ/GGUF checkpoints that other tools read are the format writers' job (later issues).
+The unquantized rest of the model is not copied: loading applies the tensors to the source model
+(which must still be where the manifest says). Any method's result is held exactly, whatever its
+bits, group size or act-order: this is the format for comparing methods like with like.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from quantlab import __version__
 from quantlab.atomic import atomic_directory
-from quantlab.errors import CorruptFileError
+from quantlab.errors import CorruptFileError, QuantlabError
 from quantlab.fingerprint import content_sha256
+from quantlab.formats.manifest import MANIFEST, source_record
+from quantlab.formats.registry import (
+    ArtifactSize,
+    Format,
+    LoadedCheckpoint,
+    WriteRequest,
+    register_format,
+)
 from quantlab.types import QuantizedWeight
+from quantlab.version import __version__
 
-FORMAT = "quantlab-native"
+FORMAT = "quantlab-native"  # the manifest's "format" (the registered format's name is "native")
 VERSION = 1
-MANIFEST = "quantlab_manifest.json"
 _PARTS = ("qweight", "scales", "zeros", "g_idx")
 
 
@@ -41,11 +50,6 @@ def is_native(path: str | Path) -> bool:
         return json.loads(manifest.read_text()).get("format") == FORMAT
     except ValueError:
         return False
-
-
-def source_record(source) -> dict:
-    """What every manifest says about the source model (a `ResolvedModel`)."""
-    return {"spec": source.spec, "path": str(source.path), "sha256": content_sha256(source.path)}
 
 
 def write_native(result, source, out_dir: str | Path) -> Path:
@@ -143,3 +147,65 @@ def apply_native(model, artifact: NativeArtifact) -> None:
         for name, value in artifact.modified.items():
             param = model.get_parameter(name)
             param.copy_(value.to(param.dtype))
+
+
+class NativeFormat(Format):
+    name = "native"
+    description = "quantlab's exact integer tensors (+ imatrix); needs the source model to load"
+    standalone = False
+    default = True  # a method's result is written exactly, whatever its settings
+    note = (
+        "native artifacts hold only the quantized linears (one byte per code, the rest is read "
+        "from the source model): their size is not comparable to a checkpoint's; their bits/w is "
+        "that of the packed linears"
+    )
+    run_snippet = "import quantlab\nmodel, _ = quantlab.load('{path}')   # quantlab's exact tensors"
+
+    def detect(self, path: Path):
+        return self.options() if is_native(path) else None
+
+    def write(self, request: WriteRequest) -> Path:
+        if request.result is None:
+            raise QuantlabError("format native writes a method's result")
+        return write_native(request.result, request.source, request.out)
+
+    def _source(self, manifest: dict, cache):
+        from quantlab.models import resolve_model
+
+        return resolve_model(manifest["source"]["path"], cache=cache)
+
+    def load(self, path: Path, *, dtype: str = "float32", verify: bool = True, cache=None):
+        from quantlab.models import load_model
+
+        artifact = read_native(path, verify=verify)
+        model = load_model(self._source(artifact.manifest, cache), dtype=dtype)
+        apply_native(model, artifact)
+        qc = {k: artifact.manifest[k] for k in ("method", "bits", "group_size", "sym")}
+        checkpoint = LoadedCheckpoint(
+            Path(path), self.name, qc, artifact.weights, artifact.manifest
+        )
+        return model, checkpoint
+
+    def tokenizer(self, path: Path, cache=None):
+        from quantlab.models import load_tokenizer
+
+        return load_tokenizer(self._source(read_native(path, verify=False).manifest, cache))
+
+    def size(self, path: Path) -> ArtifactSize:
+        """Codes are stored one per byte; the size reported is the packed size a checkpoint
+        would have (bits per code + an fp16 scale and a packed zero point per group)."""
+        manifest = json.loads((Path(path) / MANIFEST).read_text())
+        weights = sum(math.prod(info["shape"]) for info in manifest["linears"].values())
+        gs = manifest["group_size"] if manifest["group_size"] > 0 else None
+        bits = manifest["bits"]
+        per_weight = bits + ((16 + bits) / gs if gs else 0.0)
+        return ArtifactSize(int(weights * per_weight / 8), weights)
+
+    def verify(self, path: Path, check) -> None:
+        artifact = read_native(path, verify=True)
+        check("checksums", f"{len(artifact.manifest['files'])} files match the manifest")
+        self.load(path, verify=False)
+        check("loads", "tensors match the source model; the model loads")
+
+
+register_format(NativeFormat())

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from quantlab.errors import ConfigError
-from quantlab.methods import register_method
+from quantlab.methods.registry import register_method
 from quantlab.primitives import check_bits_and_group, fake_quantize, quantize_rtn
 
 
@@ -172,7 +172,12 @@ class AWQSearch:
     clips: dict[str, torch.Tensor]  # linear -> (out, G) clipping bound
 
 
-@register_method("awq", AWQConfig, needs_calibration=True)
+@register_method(
+    "awq",
+    AWQConfig,
+    needs_calibration=True,
+    description="AWQ (Lin et al. 2023): activation-aware scales and clipping",
+)
 def quantize_block(ctx, config: AWQConfig) -> None:
     stats: dict = {}
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from quantlab.errors import ConfigError
-from quantlab.methods import register_method
+from quantlab.methods.registry import register_method
 from quantlab.primitives import check_bits_and_group, scale_zero
 from quantlab.types import QuantizedWeight
 
@@ -252,7 +252,12 @@ def split_rows(qw: QuantizedWeight, sizes: list[int], dtypes: list) -> list[Quan
     return out
 
 
-@register_method("gptq", GPTQConfig, needs_calibration=True)
+@register_method(
+    "gptq",
+    GPTQConfig,
+    needs_calibration=True,
+    description="GPTQ (Frantar et al. 2022): Hessian-based error feedback",
+)
 def quantize_block(ctx, config: GPTQConfig) -> None:
     def solve(group, H: torch.Tensor) -> None:
         weights = [ctx.weight(name) for name in group.linears]

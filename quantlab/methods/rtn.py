@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from quantlab.methods import register_method
+from quantlab.methods.registry import register_method
 from quantlab.primitives import check_bits_and_group, quantize_rtn
 
 
@@ -23,7 +23,9 @@ class RTNConfig:
         check_bits_and_group(self.bits, self.group_size)
 
 
-@register_method("rtn", RTNConfig, needs_calibration=False)
+@register_method(
+    "rtn", RTNConfig, needs_calibration=False, description="round to nearest, no calibration"
+)
 def quantize_block(ctx, config: RTNConfig) -> None:
     for name in ctx.linear_names:
         ctx.set_quantized(

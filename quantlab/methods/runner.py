@@ -11,8 +11,12 @@
 3. The *quantized* block's outputs become the next block's inputs. Only one block's compute copy
    and the calibration activations are live at a time; the master weights stay on the CPU.
 
-The model is left holding the dequantized weights (fake quantization), ready to evaluate; the
-returned `QuantizationResult` holds the integer tensors a format writer packs.
+This is the one block walk: each finished block goes to a *sink*. In memory (the default) the
+model is left holding the dequantized weights (fake quantization), ready to evaluate, and the
+returned `QuantizationResult` holds the integer tensors a format writer packs; streaming
+(`quantlab.methods.streaming`) walks a model read block by block from its shards (a
+`BlockLoader`) into a format's block writer, which packs and writes each block as it comes.
+Methods never see which.
 """
 
 from __future__ import annotations
@@ -21,13 +25,15 @@ import contextlib
 import copy
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from quantlab.errors import QuantlabError
-from quantlab.methods import get_method
+from quantlab.methods.registry import get_method
 from quantlab.models.arch import ArchSpec, InputGroup
 from quantlab.types import QuantizedWeight
 
@@ -50,6 +56,7 @@ class QuantizationResult:
     calibration: dict | None  # CalibrationSet.provenance(), None for RTN without calibration
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    linears: int = 0  # linears quantized (also when a streaming sink holds their tensors)
 
 
 class BlockContext:
@@ -293,7 +300,7 @@ def _capture_first_block_inputs(model, arch: ArchSpec, ids: torch.Tensor, dtype,
 def run_block(spec, config, prefix, block, arch, hidden, kwargs, imatrix, *, dtype, device):
     """Quantize one block with method ``spec``; returns its `BlockContext` (the quantized weights,
     changed parameters, records) and the block's outputs, the next block's inputs (``hidden`` is
-    None without calibration). The one per-block step of `quantize_model` and of streaming."""
+    None without calibration). The per-block step of `quantize_model`."""
     calibrated = hidden is not None
     compute = block
     if calibrated and (dtype != torch.float32 or device != "cpu"):
@@ -308,6 +315,28 @@ def run_block(spec, config, prefix, block, arch, hidden, kwargs, imatrix, *, dty
     return ctx, hidden
 
 
+@dataclass
+class BlockResult:
+    """What the walk hands its sink after each block."""
+
+    index: int
+    prefix: str  # e.g. "model.layers.3"
+    block: torch.nn.Module  # the block, holding the dequantized (fake-quant) weights
+    weights: dict[str, QuantizedWeight]  # full linear name -> its quantization
+    modified: dict[str, torch.Tensor]  # full name -> other parameters the method changed
+    records: object | None  # the method's record of the block (e.g. AWQ's search), if any
+
+
+class BlockLoader(Protocol):
+    """Where the walk's blocks come from when the model is not in memory (streaming: the shards,
+    `quantlab.models.shards.ShardBlockLoader`). Without a loader the model holds every block."""
+
+    def load_embedding(self, model) -> None: ...
+    def release_embedding(self, model) -> None: ...
+    def load_block(self, prefix: str, block) -> None: ...
+    def release_block(self, prefix: str, block) -> None: ...
+
+
 def quantize_model(
     model,
     arch: ArchSpec,
@@ -318,11 +347,20 @@ def quantize_model(
     calib_dtype: str = "float32",
     device: str = "cpu",
     progress: bool = True,
+    loader: BlockLoader | None = None,
+    sink: Callable[[BlockResult], None] | None = None,
 ) -> QuantizationResult:
-    """Quantize every block of ``model`` in place (fake quant) and return the integer tensors.
+    """The block walk: quantize every block of ``model`` in order and return the result.
 
     ``calibration`` is a `CalibrationSet` (required unless the method needs none); its samples are
     processed as one batch, so memory grows with n_samples x seq_len x hidden.
+
+    Each finished block goes to ``sink``. The default sink keeps everything in memory: the model
+    is left holding the dequantized weights (fake quant) and the result holds the integer
+    tensors. A streaming sink (a format's block writer) packs and writes each block as it comes,
+    and the result then holds only what describes the whole run (importance matrix, records,
+    calibration, timings). ``loader`` fills each block before it runs and empties it afterwards
+    (a model read from its shards); without it the blocks are already in ``model``.
     """
     from tqdm import tqdm
 
@@ -339,15 +377,25 @@ def quantize_model(
     imatrix: dict[str, list] = {}
     if calibration is not None:
         ids = torch.as_tensor(np.array(calibration.input_ids))  # a copy: ids may be read-only
+        if loader is not None:
+            loader.load_embedding(model)
         hidden, kwargs = _capture_first_block_inputs(model, arch, ids, dtype, device)
+        if loader is not None:
+            loader.release_embedding(model)
         stages["capture"] = time.perf_counter() - start
         for i in range(len(blocks)):
             for name in arch.linears:
                 imatrix[f"{arch.blocks}.{i}.{name}"] = [0.0, 0]
     result = QuantizationResult(method, config, {}, {}, {}, 0, {}, None, 0.0, stages)
+
+    def keep(done: BlockResult) -> None:  # the in-memory sink
+        result.weights.update(done.weights)
+        result.modified.update(done.modified)
+
+    sink = sink or keep
     bar = tqdm(
         range(len(blocks)),
-        desc=f"{method} blocks",
+        desc=f"{method} blocks" + (" (streaming)" if loader is not None else ""),
         unit="block",
         file=sys.stderr,
         disable=not progress,
@@ -355,16 +403,36 @@ def quantize_model(
     for i in bar:
         prefix = f"{arch.blocks}.{i}"
         block = blocks[i]
+        if loader is not None:
+            loader.load_block(prefix, block)
         ctx, hidden = run_block(
             spec, config, prefix, block, arch, hidden, kwargs, imatrix, dtype=dtype, device=device
         )
-        for name, qw in ctx.quantized.items():
-            result.weights[f"{prefix}.{name}"] = qw
-        for name in ctx.modified:
-            result.modified[f"{prefix}.{name}"] = block.get_parameter(name).detach().clone()
+        missing = [name for name in arch.linears if name not in ctx.quantized]
+        if missing:
+            raise QuantlabError(f"{method} left {prefix} {', '.join(missing)} unquantized")
+        result.linears += len(ctx.quantized)
+        records = None
         if ctx.records:
-            result.records[prefix] = ctx.records[0] if len(ctx.records) == 1 else ctx.records
+            records = ctx.records[0] if len(ctx.records) == 1 else ctx.records
+            result.records[prefix] = records
+        sink(
+            BlockResult(
+                i,
+                prefix,
+                block,
+                {f"{prefix}.{name}": qw for name, qw in ctx.quantized.items()},
+                {
+                    f"{prefix}.{name}": block.get_parameter(name).detach().clone()
+                    for name in sorted(ctx.modified)
+                },
+                records,
+            )
+        )
         del ctx
+        if loader is not None:
+            loader.release_block(prefix, block)
+    bar.close()
     result.imatrix = {k: (v[0] / v[1]).float() for k, v in imatrix.items() if v[1]}
     result.imatrix_tokens = next((v[1] for v in imatrix.values()), 0)
     if calibration is not None:

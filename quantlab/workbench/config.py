@@ -1,9 +1,9 @@
-"""Run configs: YAML that maps one to one onto frozen, validated dataclasses.
+"""Run configs: YAML that maps one to one onto the library's own frozen, validated dataclasses.
 
-A run names a model, one calibration set (shared by every variant), a list of variants and one
-evaluation (applied to every variant the same way). Unknown keys and bad values fail in
-`load_run_config`, before any work starts, naming the key (with its place in the file) and what
-is allowed. Example (configs/demo.yaml)::
+A run names a model, one calibration set (a `CalibrationConfig`, shared by every variant), a list
+of variants and one evaluation (an `EvalConfig`, applied to every variant the same way). Unknown
+keys and bad values fail in `load_run_config`, before any work starts, naming the key (with its
+place in the file) and what is allowed. Example (configs/demo.yaml)::
 
     name: demo
     model: smollm2-135m
@@ -20,7 +20,19 @@ is allowed. Example (configs/demo.yaml)::
       limit: 50
       speed: true
 
-A variant with neither ``method`` nor ``gguf_type`` is the unquantized model itself.
+A variant is ``{method: NAME, <that method's config fields>, format: NAME, <that format's
+options>}`` plus ``name``, ``imatrix`` (give the variant the importance matrix of the calibration
+set), ``streaming`` (quantize block by block from the shards) and ``impl`` (run a reference
+toolkit's implementation of the method instead of quantlab's). The method's fields are its config
+dataclass's (`quantlab.methods.get_method(NAME).config_cls`), validated by its ``__post_init__``;
+the format's options are its options dataclass's, and the format's ``accepts`` says whether it can
+hold the method's result. Without ``format``, a variant whose keys are one format's options gets
+that format (``{gguf_type: Q8_0}`` is llama.cpp's Q8_0), else a method variant is written in the
+default format (``native``). A variant with neither method nor format is the unquantized model
+itself.
+
+Defaults: the library's own, except that an evaluation section that leaves them out measures
+``perplexity`` on WikiText-2 (gptq protocol), ``kld`` and ``speed`` (`EVALUATION_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -32,14 +44,18 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from quantlab.data.calibration import CalibrationConfig
 from quantlab.errors import ConfigError
+from quantlab.eval.harness import EvalConfig
+from quantlab.eval.perplexity import PerplexityConfig
 
-METHODS = ("rtn", "gptq", "awq")
-IMPLS = ("quantlab", "gptqmodel", "llmcompressor")
-FORMATS = ("native", "gptq", "awq", "gguf")
-PROTOCOLS = ("gptq", "llamacpp")
 # run and variant names become file and folder names: no separators, no leading dot
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+VARIANT_KEYS = ("name", "method", "format", "impl", "imatrix", "streaming")
+IMPL = "quantlab"  # quantlab's own implementation of a method (else a reference toolkit's)
+EVALUATION_DEFAULTS = {"perplexity": (PerplexityConfig(),), "kld": True, "speed": True}
+# how the default variant name spells a method setting
+_SHORT = {"act_order": "act", "static_groups": "static"}
 
 
 def _check_name(what: str, name: str) -> None:
@@ -50,163 +66,185 @@ def _check_name(what: str, name: str) -> None:
 
 
 @dataclass(frozen=True)
-class CalibrationSpec:
-    corpus: str = "c4"
-    split: str | None = None
-    n_samples: int = 32
-    seq_len: int = 512
-    seed: int = 0
-    dtype: str = "float32"  # dtype of the calibration forward passes (bfloat16 is ~2x faster)
-    allow_fallback: bool = False  # use the embedded pydoc corpus when the corpus is unavailable
-
-    def __post_init__(self) -> None:
-        if self.n_samples < 1 or self.seq_len < 8:
-            raise ConfigError("calibration: n_samples must be >= 1 and seq_len >= 8")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ConfigError(f"calibration.dtype must be float32 or bfloat16, got {self.dtype!r}")
-
-
-@dataclass(frozen=True)
 class Variant:
-    """One output of the sweep. Defaults follow `quantlab quantize`."""
+    """One output of the sweep: a method (its config) written in a format (its options), or
+    llama.cpp's quantization (format gguf, no method), or the unquantized model."""
 
-    name: str = ""  # default: made from the fields below
-    method: str | None = None  # rtn, gptq, awq; None: unquantized or llama.cpp's own quantization
-    impl: str = "quantlab"  # or a reference toolkit: gptqmodel, llmcompressor (their own format)
-    bits: int = 4
-    group_size: int = 128
-    sym: bool | None = None  # None: the method's default
-    act_order: bool = False
-    damp_percent: float = 0.01
-    format: str | None = None  # native, gptq, awq, gguf; None: gguf if gguf_type, else native
-    gptq_format: str = "v1"
-    gguf_type: str | None = None  # llama.cpp quantization type (format gguf, no method)
-    imatrix: bool = False  # feed llama.cpp the importance matrix of the calibration set
+    name: str
+    method: str | None = None
+    config: object | None = None  # the method's frozen config dataclass
+    format: str | None = None
+    options: object | None = None  # the format's frozen options dataclass
+    impl: str = IMPL  # or a reference toolkit (gptqmodel, llmcompressor): its own checkpoint
+    imatrix: bool = False  # measure the importance matrix on the calibration set for it
     streaming: bool = False  # quantize block by block from the shards (identical result)
-
-    def __post_init__(self) -> None:
-        from quantlab.formats.gguf_quant import GGUF_TYPES, NEEDS_IMATRIX
-
-        fmt = self.format or ("gguf" if self.gguf_type else "native")
-        object.__setattr__(self, "format", fmt)
-        if self.gguf_type:
-            object.__setattr__(self, "gguf_type", self.gguf_type.upper())
-        if self.method is not None and self.method not in METHODS:
-            raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
-        if self.impl not in IMPLS:
-            raise ConfigError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
-        if fmt not in FORMATS:
-            raise ConfigError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-        if self.gptq_format not in ("v1", "v2"):
-            raise ConfigError(f"gptq_format must be v1 or v2, got {self.gptq_format!r}")
-        toolkit = self.impl != "quantlab"
-        if toolkit and (self.method not in ("gptq", "awq") or fmt != "native" or self.gguf_type):
-            raise ConfigError(
-                f"impl {self.impl} runs that toolkit's gptq or awq and writes its own "
-                "checkpoint: give method gptq or awq and no format / gguf_type"
-            )
-        if self.gguf_type:
-            if self.method or fmt != "gguf":
-                raise ConfigError("gguf_type is llama.cpp's quantization: no method, format gguf")
-            if self.gguf_type not in GGUF_TYPES:
-                raise ConfigError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}")
-            if self.gguf_type in NEEDS_IMATRIX and not self.imatrix:
-                raise ConfigError(f"gguf_type {self.gguf_type} needs imatrix: true")
-        elif fmt == "gguf":
-            if not self.method:
-                raise ConfigError("format gguf needs gguf_type (llama.cpp) or a method")
-            if self.group_size != 32 or self.act_order:
-                raise ConfigError("format gguf with a method needs group_size 32, no act_order")
-        if self.imatrix and fmt != "gguf":
-            raise ConfigError("imatrix applies to format gguf (llama.cpp's quantization)")
-        if self.method is None and not self.gguf_type and fmt != "native":
-            raise ConfigError("the unquantized variant (no method, no gguf_type) has no format")
-        if fmt == "awq" and (self.bits != 4 or self.act_order):
-            raise ConfigError("format awq (GEMM) holds 4-bit weights without act-order")
-        if self.method and self.bits not in (2, 3, 4, 8):
-            raise ConfigError(f"bits must be 2, 3, 4 or 8, got {self.bits}")
-        if self.streaming and (toolkit or not self.method or fmt not in ("gptq", "awq")):
-            raise ConfigError("streaming applies to quantlab's methods with format gptq or awq")
-        if self.act_order and self.method != "gptq":
-            raise ConfigError("act_order applies to method gptq only")
-        if self.method and self.group_size != -1 and self.group_size < 1:
-            raise ConfigError(f"group_size must be -1 (per channel) or >= 1, got {self.group_size}")
-        if not self.name:
-            object.__setattr__(self, "name", self.default_name())
-        _check_name("variant name", self.name)
 
     @property
     def is_reference(self) -> bool:
-        return self.method is None and self.gguf_type is None
+        return self.method is None and self.format is None
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method in ("gptq", "awq") or self.imatrix
+        from quantlab.methods import get_method
 
-    def default_name(self) -> str:
-        if self.is_reference:
-            return "unquantized"
-        if self.gguf_type:
-            return f"gguf-{self.gguf_type}" + ("-imatrix" if self.imatrix else "")
-        group = "pc" if self.group_size == -1 else f"g{self.group_size}"
-        parts = [self.method, f"w{self.bits}", group]
-        if self.sym is not None:
-            parts.append("sym" if self.sym else "asym")
-        if self.act_order:
-            parts.append("act")
-        if self.impl != "quantlab":
-            parts.insert(0, self.impl)
-        return "-".join(parts) + ("" if self.format == "native" else f"-{self.format}")
+        if self.method is None:
+            return self.imatrix
+        return self.impl != IMPL or get_method(self.method).needs_calibration or self.imatrix
+
+    def to_dict(self) -> dict:
+        """The variant as a run config writes it (flat: method fields and format options beside
+        the variant's own keys)."""
+        out = {k: getattr(self, k) for k in VARIANT_KEYS}
+        for part in (self.config, self.options):
+            if part is not None:
+                out.update({k: v for k, v in dataclasses.asdict(part).items() if k != "version"})
+        return out
 
     def settings_key(self) -> str:
         """The variant's settings without its name (what its result depends on; streaming
         writes the same tensors as the in-memory path, so it is left out)."""
         fields = {
-            k: v for k, v in dataclasses.asdict(self).items() if k not in ("name", "streaming")
+            "method": self.method,
+            "config": None if self.config is None else dataclasses.asdict(self.config),
+            "format": self.format,
+            "options": None if self.options is None else dataclasses.asdict(self.options),
+            "impl": self.impl,
+            "imatrix": self.imatrix,
         }
         return json.dumps(fields, sort_keys=True)
 
-    def method_options(self) -> dict:
-        """The keyword arguments of the method's config class."""
-        options = {"bits": self.bits, "group_size": self.group_size}
-        if self.sym is not None:
-            options["sym"] = self.sym
-        if self.method == "gptq":
-            options.update(act_order=self.act_order, damp_percent=self.damp_percent)
-        return options
+
+def _fields(cls) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls) if f.name != "version"}
 
 
-@dataclass(frozen=True)
-class PerplexitySpec:
-    corpus: str = "wikitext2"
-    split: str | None = "test"
-    protocol: str = "gptq"
-    context: int | None = None
-    max_tokens: int | None = None
+def _default_name(method, config, given: set, fmt, options, impl, imatrix) -> str:
+    """``gptq-w4-g128-asym-act-gptq``, ``gguf-Q4_K_M-imatrix``, ``unquantized``: bits and group
+    size always, ``sym``/``asym`` when given, other settings when given and not the default."""
+    if method is None and fmt is None:
+        return "unquantized"
+    parts = [] if impl == IMPL else [impl]
+    if method is None:  # the format quantizes: its options name it (gguf-Q4_K_M)
+        parts.append(fmt.name)
+        parts += [str(v) for k, v in dataclasses.asdict(options).items() if k in given]
+    else:
+        parts.append(method)
+        for f in dataclasses.fields(config):
+            key, value = f.name, getattr(config, f.name)
+            if key == "bits":
+                parts.append(f"w{value}")
+            elif key == "group_size":
+                parts.append("pc" if value == -1 else f"g{value}")
+            elif key not in given:
+                continue
+            elif key == "sym":
+                parts.append("sym" if value else "asym")
+            elif value == f.default:
+                continue
+            elif isinstance(value, bool):
+                parts.append(_SHORT.get(key, key.replace("_", "-")) if value else f"no-{key}")
+            else:
+                parts.append(f"{key.replace('_', '-')}{value}")
+        if fmt is not None and not fmt.default:
+            parts.append(fmt.name)
+    if imatrix:
+        parts.append("imatrix")
+    return "-".join(parts)
 
-    def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ConfigError(f"protocol must be one of {', '.join(PROTOCOLS)}")
-        if self.context is not None and self.context < 4:
-            raise ConfigError(f"context must be >= 4, got {self.context}")
-        if self.max_tokens is not None and self.max_tokens < 8:
-            raise ConfigError(f"max_tokens must be >= 8, got {self.max_tokens}")
+
+def parse_variant(data, where: str = "variant") -> Variant:
+    """A `Variant` from its mapping (a run config entry, or the CLI's options): every key is
+    checked against the variant's own keys, the method's config fields and the format's options;
+    values are type-checked and validated by the dataclasses themselves; the format must accept
+    the method's result."""
+    from quantlab.formats import default_format, formats, get_format, option_fields
+    from quantlab.methods import get_method, method_names
+
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    data = dict(data)
+    own = {k: data.pop(k) for k in VARIANT_KEYS if k in data}
+    _check_types(
+        {"name": "str", "method": "str | None", "format": "str | None", "impl": "str",
+         "imatrix": "bool", "streaming": "bool"},
+        own, where,
+    )  # fmt: skip
+    method, fmt_name = own.get("method"), own.get("format")
+    impl, imatrix, streaming = (
+        own.get("impl", IMPL),
+        own.get("imatrix", False),
+        own.get("streaming"),
+    )
+    try:
+        spec = get_method(method) if method else None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    method_fields = _fields(spec.config_cls) if spec else {}
+    if fmt_name is None:  # the one format whose options the keys name, else native for a method
+        owners = [f.name for f in formats() if f.writable and set(data) & _fields(f.options).keys()]
+        if len(owners) == 1:
+            fmt_name = owners[0]
+        elif method and impl == IMPL:
+            fmt_name = default_format().name
+    try:
+        fmt = get_format(fmt_name) if fmt_name else None
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    option_f = {f.name: f for f in option_fields(fmt)} if fmt else {}
+    unknown = sorted(set(data) - set(method_fields) - set(option_f))
+    if unknown:
+        key = unknown[0]
+        owners = [m for m in method_names() if key in _fields(get_method(m).config_cls)]
+        if owners and not method:
+            raise ConfigError(
+                f"{where}: {key!r} is a method setting ({', '.join(owners)}): give a method"
+            )
+        allowed = [*VARIANT_KEYS, *method_fields, *option_f]
+        raise ConfigError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+    given_method = {k: data[k] for k in data if k in method_fields}
+    given_options = {k: data[k] for k in data if k in option_f}
+    _check_types({k: str(f.type) for k, f in method_fields.items()}, given_method, where)
+    _check_types({k: str(f.type) for k, f in option_f.items()}, given_options, where)
+    try:
+        config = spec.config_cls(**given_method) if spec else None
+        options = fmt.options(**given_options) if fmt else None
+    except (ConfigError, TypeError) as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    _check_variant(where, method, config, fmt, options, impl, imatrix, streaming)
+    given = set(given_method) if method else set(given_options)
+    name = own.get("name") or _default_name(method, config, given, fmt, options, impl, imatrix)
+    _check_name("variant name", name)
+    return Variant(name, method, config, fmt_name, options, impl, imatrix, bool(streaming))
 
 
-@dataclass(frozen=True)
-class EvaluationSpec:
-    perplexity: tuple[PerplexitySpec, ...] = (PerplexitySpec(),)
-    kld: bool = True
-    tasks: tuple[str, ...] = ()
-    limit: int | None = None
-    speed: bool = True
-    allow_fallback: bool = False  # unavailable corpora -> pydoc; unavailable tasks are skipped
+def _check_variant(where, method, config, fmt, options, impl, imatrix, streaming) -> None:
+    from quantlab.reference import IMPLS, METHODS
 
-    def __post_init__(self) -> None:
-        if self.kld and not self.perplexity:
-            raise ConfigError("evaluation.kld needs a perplexity corpus (its tokens are shared)")
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError("evaluation.limit must be >= 1")
+    if impl != IMPL:
+        if impl not in IMPLS:
+            known = ", ".join([IMPL, *IMPLS])
+            raise ConfigError(f"{where}: impl must be one of {known}, got {impl!r}")
+        if method not in METHODS or fmt is not None:
+            raise ConfigError(
+                f"{where}: impl {impl} runs that toolkit's {' or '.join(METHODS)} and writes its "
+                f"own checkpoint: give method {' or '.join(METHODS)} and no format"
+            )
+    elif fmt is not None:
+        reason = fmt.accepts(method, config, options, imatrix=imatrix)
+        if reason:
+            raise ConfigError(f"{where}: {reason}")
+    elif imatrix:
+        raise ConfigError(f"{where}: imatrix applies to quantized variants (a method or a format)")
+    if streaming and (impl != IMPL or method is None or fmt is None or not fmt.streams):
+        from quantlab.formats import formats
+
+        can = ", ".join(f.name for f in formats() if f.streams)
+        raise ConfigError(
+            f"{where}: streaming applies to quantlab's methods with a format written block by "
+            f"block ({can})"
+        )
 
 
 @dataclass(frozen=True)
@@ -214,11 +252,11 @@ class RunConfig:
     name: str
     model: str
     variants: tuple[Variant, ...]
-    calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
-    evaluation: EvaluationSpec = field(default_factory=EvaluationSpec)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluation: EvalConfig = field(default_factory=lambda: EvalConfig(**EVALUATION_DEFAULTS))
     output: str = "out"  # artifacts go to <output>/<name>/<variant>
     store: str = "results/quantlab.db"
-    version: int = 1
+    version: int = 2
 
     def __post_init__(self) -> None:
         _check_name("run name", self.name)
@@ -235,36 +273,39 @@ class RunConfig:
                 raise ConfigError(f"variants {same} and {v.name} have the same settings")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["variants"] = [v.to_dict() for v in self.variants]
+        data["calibration"] = dataclasses.asdict(self.calibration)
+        data["evaluation"] = dataclasses.asdict(self.evaluation)
+        return data
 
     def sha256(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
-def _build(cls, data, where: str):
-    """``cls(**data)``, refusing keys ``cls`` does not have (named, with the allowed ones)."""
+def _build(cls, data, where: str, defaults: dict | None = None):
+    """``cls(**defaults, **data)``, refusing keys ``cls`` does not have (named, with the allowed
+    ones) and values of the wrong type."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
-    allowed = [f.name for f in dataclasses.fields(cls) if f.name != "version"]
-    unknown = sorted(set(data) - set(allowed))
+    fields = _fields(cls)
+    unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(fields)}")
+    _check_types({k: str(f.type) for k, f in fields.items()}, data, where)
     try:
-        return cls(**data)
-    except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
-    except TypeError as exc:
+        return cls(**{**(defaults or {}), **data})
+    except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
 
 
 _KINDS = {"int": int, "bool": bool, "str": str, "float": (int, float)}
 
 
-def _types(cls, data: dict, where: str) -> None:
+def _check_types(hints: dict[str, str], data: dict, where: str) -> None:
     """Refuse values of the wrong type (YAML gives strings, numbers, booleans, lists)."""
-    hints = {f.name: str(f.type) for f in dataclasses.fields(cls)}
     for key, value in data.items():
         hint = hints.get(key, "")
         kind = _KINDS.get(hint.split(" ")[0])
@@ -275,47 +316,50 @@ def _types(cls, data: dict, where: str) -> None:
             raise ConfigError(f"{where}.{key}: {value!r} is not a valid {hint}")
 
 
+def _evaluation(data, where: str = "evaluation") -> EvalConfig:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    data = dict(data)
+    if "perplexity" in data:
+        ppl = data["perplexity"]
+        if not isinstance(ppl, list):
+            raise ConfigError(f"{where}.perplexity: expected a list of mappings")
+        data["perplexity"] = tuple(
+            _build(PerplexityConfig, p, f"{where}.perplexity[{i}]") for i, p in enumerate(ppl)
+        )
+    if "tasks" in data:
+        if not isinstance(data["tasks"], list):
+            raise ConfigError(f"{where}.tasks: expected a list of task names")
+        data["tasks"] = tuple(data["tasks"])
+    return _build(EvalConfig, data, where, EVALUATION_DEFAULTS)
+
+
 def parse_run_config(data) -> RunConfig:
     """A `RunConfig` from parsed YAML (a dict)."""
     if not isinstance(data, dict):
         raise ConfigError("a run config is a mapping with name, model, variants, ...")
     data = dict(data)
+    allowed = list(_fields(RunConfig))
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        raise ConfigError(f"run config: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}")
     variants = data.get("variants")
     if not isinstance(variants, list):
         raise ConfigError("variants: expected a list of mappings")
-    parsed = []
-    for i, item in enumerate(variants):
-        item = item or {}
-        _types(Variant, item if isinstance(item, dict) else {}, f"variants[{i}]")
-        parsed.append(_build(Variant, item, f"variants[{i}]"))
-    data["variants"] = tuple(parsed)
-    calib = data.get("calibration") or {}
-    _types(CalibrationSpec, calib if isinstance(calib, dict) else {}, "calibration")
-    data["calibration"] = _build(CalibrationSpec, calib, "calibration")
-    evaluation = data.get("evaluation") or {}
-    if not isinstance(evaluation, dict):
-        raise ConfigError("evaluation: expected a mapping")
-    evaluation = dict(evaluation)
-    if "perplexity" in evaluation:
-        ppl = evaluation["perplexity"]
-        if not isinstance(ppl, list):
-            raise ConfigError("evaluation.perplexity: expected a list of mappings")
-        for i, p in enumerate(ppl):
-            _types(PerplexitySpec, p if isinstance(p, dict) else {}, f"evaluation.perplexity[{i}]")
-        evaluation["perplexity"] = tuple(
-            _build(PerplexitySpec, p, f"evaluation.perplexity[{i}]") for i, p in enumerate(ppl)
-        )
-    if "tasks" in evaluation:
-        if not isinstance(evaluation["tasks"], list):
-            raise ConfigError("evaluation.tasks: expected a list of task names")
-        evaluation["tasks"] = tuple(evaluation["tasks"])
-    _types(EvaluationSpec, evaluation, "evaluation")
-    data["evaluation"] = _build(EvaluationSpec, evaluation, "evaluation")
-    _types(RunConfig, {k: v for k, v in data.items() if k in ("output", "store")}, "run config")
+    data["variants"] = tuple(parse_variant(v, f"variants[{i}]") for i, v in enumerate(variants))
+    data["calibration"] = _build(CalibrationConfig, data.get("calibration"), "calibration")
+    data["evaluation"] = _evaluation(data.get("evaluation"))
     for key in ("name", "model"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise ConfigError(f"{key}: required (a string)")
-    return _build(RunConfig, data, "run config")
+    paths = {k: data[k] for k in ("output", "store") if k in data}
+    _check_types({"output": "str", "store": "str"}, paths, "run config")
+    try:
+        return RunConfig(**data)
+    except TypeError as exc:
+        raise ConfigError(f"run config: {exc}") from None
 
 
 def load_run_config(path: str | Path) -> RunConfig:

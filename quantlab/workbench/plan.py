@@ -314,9 +314,12 @@ def plan(config: dict, context: int, batch: int, measured_rows=()) -> list[PlanR
     shapes = Shapes.from_config(config)
     kv, compute = shapes.kv_bytes(context, batch), shapes.compute_bytes(context, batch)
     rows = []
+    from quantlab.formats import format_of_label
+
     for r in measured_rows:
-        if r.format == "native" or not r.metrics.size:
-            continue  # native artifacts hold only the quantized linears: no whole-model size
+        fmt = format_of_label(r.format)
+        if (fmt is not None and not fmt.standalone) or not r.metrics.size:
+            continue  # e.g. native artifacts hold only the quantized linears: no whole-model size
         size = r.metrics.size.bytes_on_disk
         runtime = r.metrics.runtime
         rows.append(PlanRow(r.variant, runtime, size, kv, compute, RUNTIME_BYTES, measured=r))

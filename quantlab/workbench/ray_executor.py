@@ -24,12 +24,18 @@ See docs/SCALE.md.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from quantlab.errors import QuantlabError
+from quantlab.workbench.executors import (
+    VariantDone,
+    evaluate_variant,
+    quantize_variant,
+    silent,
+    timings,
+)
 
 GiB = 1024**3
 ENV_VARS = (
@@ -52,13 +58,6 @@ class TaskResources:
     max_retries: int = 3  # attempts after a worker dies (not after an error raised by the task)
 
 
-@dataclass(frozen=True)
-class CorpusLabel:
-    """What a variant needs of the calibration corpus besides its ids: its label."""
-
-    label: str
-
-
 def estimate_task_memory(model_bytes: int) -> int:
     """Memory to declare for one variant task: the model loaded in float32 (weights on disk may
     be 16-bit), a block's compute copy and the quantized copy, evaluation's reference and the
@@ -69,42 +68,33 @@ def estimate_task_memory(model_bytes: int) -> int:
 # -- what runs on the workers (module level, so Ray can import them there) ---------------------
 
 
-def shared_task(config, model_ref, data_root, cache, need_imatrix: bool):
-    """Calibration set (and importance matrix) for every variant of the run."""
-    from quantlab.workbench.pipeline import _Shared
+@dataclass(frozen=True)
+class CorpusLabel:
+    """What a variant needs of the calibration corpus besides its ids: its label (the corpus's
+    documents stay out of the object store)."""
 
-    shared = _Shared(config, model_ref, data_root, cache)
+    label: str
+
+
+def shared_task(job, need_imatrix: bool):
+    """Calibration set (and importance matrix) for every variant of the run."""
+    shared = job.shared_inputs()
     corpus, calibration = shared.calibration()
     imatrix = shared.imatrix() if need_imatrix else None
     return CorpusLabel(corpus.label), calibration, imatrix
 
 
-def quantize_task(variant, config, model_ref, data_root, cache, out: str, shared_values):
-    """Quantize and write one variant; returns (what to evaluate, format, seconds)."""
-    from quantlab.workbench.pipeline import _remove, _Shared, produce
-
-    start = time.perf_counter()
-    shared = _Shared(config, model_ref, data_root, cache)
+def quantize_task(job, variant, shared_values):
+    """Quantize and write one variant (removing what an attempt killed before this one left)."""
+    shared = job.shared_inputs()
     if shared_values is not None:
-        label, calibration, imatrix = shared_values
-        shared._calibration = (label, calibration)
-        shared._imatrix = imatrix
-    out = Path(out)
-    _remove(out)  # what an attempt killed before this one left
-    out.parent.mkdir(parents=True, exist_ok=True)
-    target, fmt = produce(variant, shared, out)
-    return target, fmt, time.perf_counter() - start
+        shared.provide(*shared_values)
+    return quantize_variant(job, variant, shared)
 
 
-def evaluate_task(produced, eval_config, reference: str, data_root, cache):
+def evaluate_task(produced, job):
     """Evaluate one artifact (the quantize task's result); returns (metrics, seconds)."""
-    from quantlab.eval.harness import evaluate
-
-    start = time.perf_counter()
-    metrics = evaluate(
-        produced[0], eval_config, reference=reference, data_root=data_root, cache=cache
-    )
-    return metrics, time.perf_counter() - start
+    return evaluate_variant(job, produced)
 
 
 # -- the driver -----------------------------------------------------------------------------------
@@ -139,105 +129,94 @@ def _largest_node(ray, resource: str) -> float:
     return max(sizes, default=0)
 
 
-def run_on_ray(
-    todo,
-    *,
-    config,
-    model_ref,
-    eval_config,
-    out_root: Path,
-    data_root,
-    cache,
-    record,
-    stage,
-    resources: TaskResources | None,
-    address: str | None,
-    log,
-) -> None:
-    """Run ``todo`` (variants) on Ray; ``record(variant, target, fmt, metrics, timings,
-    calibration sha256)`` is called here, in the driver, as each variant's evaluation returns."""
-    from quantlab.workbench.pipeline import artifact_path
+class RayExecutor:
+    """Each variant's quantization and evaluation as Ray tasks on the cluster at ``address``
+    (``auto``: the one started on this node; None: a local one), each declaring ``resources``."""
 
-    ray = connect(address)
-    resources = resources or TaskResources()
-    weights = sum(f.stat().st_size for f in model_ref.folder.weight_files)
-    memory = resources.memory_bytes or estimate_task_memory(weights)
-    largest = _largest_node(ray, "memory")
-    if largest and memory > largest:
-        raise QuantlabError(
-            f"each variant task needs about {memory / GiB:.1f} GiB but the largest Ray node "
-            f"offers {largest / GiB:.1f} GiB; pass --task-memory to declare less"
-        )
-    # Ray would leave a task no node can ever hold pending forever
-    for resource, wanted, option in (
-        ("CPU", resources.cpus, "--task-cpus"),
-        ("GPU", resources.gpus, "--task-gpus"),
-    ):
-        have = _largest_node(ray, resource)
-        if wanted > have:
+    def __init__(self, address: str | None = None, resources: TaskResources | None = None):
+        self.address, self.resources = address, resources or TaskResources()
+
+    def run(self, job, todo, done, stage) -> None:
+        """Run ``todo`` on Ray; ``done(VariantDone)`` is called here, in the driver, as each
+        variant's evaluation returns."""
+        ray = connect(self.address)
+        job = dataclasses.replace(job, log=silent)  # what the tasks get: nothing of the driver's
+        resources = self.resources
+        model_ref = job.model_ref
+        weights = sum(f.stat().st_size for f in model_ref.folder.weight_files)
+        memory = resources.memory_bytes or estimate_task_memory(weights)
+        largest = _largest_node(ray, "memory")
+        if largest and memory > largest:
             raise QuantlabError(
-                f"each variant task declares {wanted:g} {resource}(s) but the largest Ray node "
-                f"has {have:g}; lower {option}"
+                f"each variant task needs about {memory / GiB:.1f} GiB but the largest Ray node "
+                f"offers {largest / GiB:.1f} GiB; pass --task-memory to declare less"
             )
-    options = {
-        "num_cpus": resources.cpus,
-        "num_gpus": resources.gpus,
-        "memory": memory,
-        "max_retries": resources.max_retries,
-    }
-    need_calibration = [v for v in todo if v.needs_calibration]
-    need_imatrix = any(v.gguf_type and v.imatrix for v in todo)
-    shared_ref = None
-    if need_calibration:
-        shared_ref = (
-            ray.remote(shared_task)
-            .options(name="quantlab-shared", **options)
-            .remote(config, model_ref, data_root, cache, need_imatrix)
-        )
-    quantize = ray.remote(quantize_task)
-    evaluate = ray.remote(evaluate_task)
-    pending = {}
-    for variant in todo:
-        out = artifact_path(out_root, variant)
-        q = quantize.options(name=f"quantize:{variant.name}", **options).remote(
-            variant,
-            config,
-            model_ref,
-            data_root,
-            cache,
-            str(out),
-            shared_ref if variant.needs_calibration else None,
-        )
-        e = evaluate.options(name=f"evaluate:{variant.name}", **options).remote(
-            q, eval_config, config.model, data_root, cache
-        )
-        pending[e] = (variant, q)
-    calib_sha = None
-    finished = 0
-    stage(1, "", f"{len(todo)} variants on Ray")
-    try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            for ref in ready:
-                variant, q = pending.pop(ref)
-                try:
-                    metrics, evaluate_s = ray.get(ref)
-                    target, fmt, quantize_s = ray.get(q)
-                except ray.exceptions.RayError as exc:  # raised by the task, or retries spent
-                    cause = getattr(exc, "cause", None)
-                    cause = cause if isinstance(cause, Exception) else exc
-                    raise QuantlabError(f"variant {variant.name} failed on Ray: {cause}") from None
-                if variant.needs_calibration and calib_sha is None:
-                    calib_sha = ray.get(shared_ref)[1].sha256
-                timings = {"quantize_s": quantize_s, "evaluate_s": evaluate_s}
-                timings.update({f"eval:{k}": v for k, v in metrics.stage_seconds.items()})
-                record(variant, target, fmt, metrics, timings, calib_sha)
-                finished += 1
-                stage(min(finished + 1, len(todo)), variant.name, f"{len(pending)} left on Ray")
-    finally:
-        if shared_ref is not None:
-            ray.cancel(shared_ref, force=True)  # a no-op once it has finished
-        for ref in pending:  # an error stops the sweep: do not leave work running
-            ray.cancel(ref, force=True)
-        for _, q in pending.values():
-            ray.cancel(q, force=True)
+        # Ray would leave a task no node can ever hold pending forever
+        for resource, wanted, option in (
+            ("CPU", resources.cpus, "--task-cpus"),
+            ("GPU", resources.gpus, "--task-gpus"),
+        ):
+            have = _largest_node(ray, resource)
+            if wanted > have:
+                raise QuantlabError(
+                    f"each variant task declares {wanted:g} {resource}(s) but the largest Ray "
+                    f"node has {have:g}; lower {option}"
+                )
+        options = {
+            "num_cpus": resources.cpus,
+            "num_gpus": resources.gpus,
+            "memory": memory,
+            "max_retries": resources.max_retries,
+        }
+        need_calibration = [v for v in todo if v.needs_calibration]
+        need_imatrix = any(v.method is None and v.imatrix for v in todo)
+        shared_ref = None
+        if need_calibration:
+            shared_ref = (
+                ray.remote(shared_task)
+                .options(name="quantlab-shared", **options)
+                .remote(job, need_imatrix)
+            )
+        quantize = ray.remote(quantize_task)
+        evaluate = ray.remote(evaluate_task)
+        pending = {}
+        for variant in todo:
+            q = quantize.options(name=f"quantize:{variant.name}", **options).remote(
+                job, variant, shared_ref if variant.needs_calibration else None
+            )
+            e = evaluate.options(name=f"evaluate:{variant.name}", **options).remote(q, job)
+            pending[e] = (variant, q)
+        calib_sha = None
+        finished = 0
+        stage(1, "", f"{len(todo)} variants on Ray")
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1)
+                for ref in ready:
+                    variant, q = pending.pop(ref)
+                    try:
+                        metrics, evaluate_s = ray.get(ref)
+                        produced = ray.get(q)
+                    except ray.exceptions.RayError as exc:  # raised by the task, or retries spent
+                        cause = getattr(exc, "cause", None)
+                        cause = cause if isinstance(cause, Exception) else exc
+                        raise QuantlabError(
+                            f"variant {variant.name} failed on Ray: {cause}"
+                        ) from None
+                    if variant.needs_calibration and calib_sha is None:
+                        calib_sha = ray.get(shared_ref)[1].sha256
+                    sha = calib_sha if variant.needs_calibration else None
+                    done(
+                        VariantDone(
+                            variant, produced, metrics, timings(produced, metrics, evaluate_s), sha
+                        )
+                    )
+                    finished += 1
+                    stage(min(finished + 1, len(todo)), variant.name, f"{len(pending)} left on Ray")
+        finally:
+            if shared_ref is not None:
+                ray.cancel(shared_ref, force=True)  # a no-op once it has finished
+            for ref in pending:  # an error stops the sweep: do not leave work running
+                ray.cancel(ref, force=True)
+            for _, q in pending.values():
+                ray.cancel(q, force=True)

@@ -20,7 +20,7 @@ from quantlab.errors import QuantlabError
 MIB = 2**20
 
 
-def _row_values(row) -> dict:
+def row_values(row) -> dict:
     m = row.metrics
     ppl = m.perplexity[0] if m.perplexity else None
     values = {
@@ -82,7 +82,7 @@ def _fmt(value, digits: int = 2) -> str:
 
 def results_table(rows) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table (strings)."""
-    values = [_row_values(r) for r in rows]
+    values = [row_values(r) for r in rows]
     tasks = sorted({k for v in values for k in v if k.startswith("task:")})
     header = [
         "variant",
@@ -254,16 +254,16 @@ def write_report(rows, folder: str | Path, *, title: str, notes: list[str] = ())
         raise QuantlabError(f"{folder} exists and is not a report folder; choose another --out")
     if not rows:
         raise QuantlabError("no results to report")
-    values = [_row_values(r) for r in rows]
+    values = [row_values(r) for r in rows]
     labels = _labels(rows)
     header, body = results_table(rows)
     notes = list(notes)
-    if any(r.format == "native" for r in rows):
-        notes.append(
-            "native artifacts hold only the quantized linears (one byte per code, the rest is "
-            "read from the source model): their size is not comparable to a checkpoint's; their "
-            "bits/w is that of the packed linears"
-        )
+    from quantlab.formats import format_of_label
+
+    for label in sorted({r.format for r in rows}):  # what each format's rows need said
+        fmt = format_of_label(label)
+        if fmt is not None and fmt.note and fmt.note not in notes:
+            notes.append(fmt.note)
     first = rows[0].metrics
     hw = first.hardware
     new = folder.with_name(f"{folder.name}.new")

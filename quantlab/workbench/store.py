@@ -137,14 +137,14 @@ class ResultStore:
         """Store one complete result (one transaction; a key already present is an error)."""
         import dataclasses
 
-        from quantlab import __version__
+        from quantlab.version import __version__
 
         row = (
             key,
             run_id,
             run_name,
             variant.name,
-            json.dumps(dataclasses.asdict(variant)),
+            json.dumps(variant.to_dict()),
             model,
             model_sha256,
             calibration_sha256,
