@@ -10,8 +10,10 @@ __all__ = ["__version__", "load"]
 
 
 def load(path, *, dtype: str = "float32", verify: bool = True):
-    """Load a quantized checkpoint (GPTQ, AWQ, compressed-tensors or quantlab-native) into a
-    transformers model: ``(model, LoadedCheckpoint)``. See `quantlab.formats.loader`."""
+    """Load an artifact of any registered format (GPTQ, AWQ, compressed-tensors, native, or a
+    ``.gguf`` dequantized) into a transformers model: ``(model, LoadedCheckpoint)``, whose
+    ``format`` is the format's label (``gptq``, ``gptq_v2``, ``awq``, ``native``, ...). See
+    `quantlab.formats.loader`."""
     from quantlab.formats.loader import load as _load
 
     return _load(path, dtype=dtype, verify=verify)

@@ -157,12 +157,10 @@ def _print_metrics(m) -> None:
         err = f" +/- {t.stderr:.4f}" if t.stderr is not None else ""
         rows.append((f"{t.task} {t.metric}", f"{t.value:.4f}{err}  ({t.samples} docs, {t.source})"))
     if m.size is not None:
-        rows.append(
-            (
-                "size",
-                f"{_human_bytes(m.size.bytes_on_disk)}, {m.size.bits_per_weight:.2f} bits/weight",
-            )
-        )
+        linears = m.size.linear_bits_per_weight
+        per_linear = "" if linears is None else f" ({linears:.2f} in the quantized linears)"
+        size = f"{_human_bytes(m.size.bytes_on_disk)}, {m.size.bits_per_weight:.2f} bits/weight"
+        rows.append(("size", size + per_linear))
     if m.memory is not None and m.memory.peak_rss_bytes:
         gpu = f", GPU {_human_bytes(m.memory.cuda_peak_bytes)}" if m.memory.cuda_peak_bytes else ""
         rows.append(("peak memory", f"RSS {_human_bytes(m.memory.peak_rss_bytes)}{gpu}"))
@@ -207,9 +205,20 @@ def cmd_eval(args) -> None:
         gguf_runtime=args.gguf_runtime,
         allow_fallback=args.allow_fallback,
     )
-    metrics = evaluate(
-        args.target, config, reference=args.reference, data_root=args.data_root, cache=args.cache
-    )
+    from quantlab import settings
+    from quantlab.console import session
+    from quantlab.workbench.pipeline import add_card_evaluation
+
+    log = settings.cache_dir(args.cache) / "logs" / "eval.log"
+    with session(log, verbose=args.verbose, inner_bars=True):
+        metrics = evaluate(
+            args.target,
+            config,
+            reference=args.reference,
+            data_root=args.data_root,
+            cache=args.cache,
+        )
+        add_card_evaluation(args.target, metrics, args.reference)
     _print_metrics(metrics)
     if args.json:
         from pathlib import Path
@@ -243,18 +252,23 @@ def cmd_convert(args) -> None:
 
 def _setting_flags() -> dict[str, list]:
     """Every settable field of every registered method's config and format's options: field
-    name -> [(owner kind, owner name, dataclass field), ...]. Each becomes one ``quantize`` flag."""
+    name -> [(owner kind, owner name, dataclass field, its type), ...]. Each becomes one
+    ``quantize`` flag."""
     from quantlab.formats import formats, option_fields
     from quantlab.methods import get_method, method_names
+    from quantlab.workbench.config import field_types
 
     flags: dict[str, list] = {}
     for name in method_names():
+        config_cls = get_method(name).config_cls
+        types = field_types(config_cls)
         for f in get_method(name).fields():
-            flags.setdefault(f.name, []).append(("method", name, f))
+            flags.setdefault(f.name, []).append(("method", name, f, types[f.name]))
     for fmt in formats():
         if fmt.writable:
+            types = field_types(fmt.options)
             for f in option_fields(fmt):
-                flags.setdefault(f.name, []).append(("format", fmt.name, f))
+                flags.setdefault(f.name, []).append(("format", fmt.name, f, types[f.name]))
     return flags
 
 
@@ -280,14 +294,20 @@ def _add_setting_flags(p) -> list[str]:
     added = []
     for name, owners in sorted(_setting_flags().items()):
         flag = "--" + name.replace("_", "-")
-        types = {str(g.type).split(" ")[0] for _, _, g in owners}
+        types = {type_name.split(" ")[0] for *_, type_name in owners}
         where = ", ".join(
             f"{kind} {owner}" + ("" if g.default is None else f" (default {g.default})")
-            for kind, owner, g in owners
+            for kind, owner, g, _ in owners
         )
         base = types.pop() if len(types) == 1 else "value"  # owners disagree: parse by shape
         try:
-            if base == "bool":
+            if base == "bool" and name == "sym":  # --sym / --no-sym / --asym, one of them
+                group = p.add_mutually_exclusive_group()
+                group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                   default=argparse.SUPPRESS, help=where)  # fmt: skip
+                group.add_argument("--asym", dest="sym", action="store_false",
+                                   default=argparse.SUPPRESS, help="same as --no-sym")  # fmt: skip
+            elif base == "bool":
                 p.add_argument(flag, action=argparse.BooleanOptionalAction,
                                default=argparse.SUPPRESS, help=where)  # fmt: skip
             else:
@@ -296,9 +316,6 @@ def _add_setting_flags(p) -> list[str]:
         except argparse.ArgumentError:
             continue
         added.append(name)
-    if "sym" in added:  # zero points: the usual word for --no-sym
-        p.add_argument("--asym", dest="sym", action="store_false", default=argparse.SUPPRESS,
-                       help="same as --no-sym")  # fmt: skip
     return added
 
 
@@ -329,10 +346,11 @@ def _variant(args):
         raise QuantlabError(
             f"give --method, or a --format that quantizes by itself ({', '.join(selfmade)})"
         )
-    owners = set(get_method(args.method).fields() if args.method else [])
-    owned = {f.name for f in owners}
-    if args.format:
-        owned |= {f.name for f in option_fields(get_format(args.format))}
+    owned = {f.name for f in (get_method(args.method).fields() if args.method else [])}
+    # with --format, its options; without, any format's (the variant infers the format from
+    # them, as a run config does: --gptq-format v2 means --format gptq)
+    named = [get_format(args.format)] if args.format else [f for f in formats() if f.writable]
+    owned |= {f.name for fmt in named for f in option_fields(fmt)}
     for name in given:
         if name not in owned:
             what = f"--method {args.method}" if args.method else "no --method"
@@ -361,16 +379,21 @@ def cmd_quantize(args) -> None:
         raise QuantlabError(
             f"--out for --format {variant.format} is a {suffix} file path, got {out}"
         )
-    model_ref = _resolve(args)
-    preflight([variant], model_ref)
-    shared = SharedInputs(
-        model_ref,
-        _calibration_config(args),
-        data_root=args.data_root,
-        cache=args.cache,
-        log=lambda message: print(message, file=sys.stderr),
-    )
-    made = produce(variant, shared, out)
+    from quantlab import settings
+    from quantlab.console import say, session
+
+    log = settings.cache_dir(args.cache) / "logs" / "quantize.log"
+    with session(log, verbose=args.verbose, inner_bars=True):
+        model_ref = _resolve(args)
+        preflight([variant], model_ref)
+        shared = SharedInputs(
+            model_ref,
+            _calibration_config(args),
+            data_root=args.data_root,
+            cache=args.cache,
+            log=say,
+        )
+        made = produce(variant, shared, out)
     print(made.summary)
     for note in made.notes:
         print(f"note: {note}")
@@ -410,23 +433,28 @@ def _task_resources(args):
 
 def cmd_run(args) -> None:
     """``quantlab run CONFIG``: the sweep, then the results table and the report."""
+    from quantlab.console import session
     from quantlab.workbench.config import load_run_config
     from quantlab.workbench.pipeline import run_sweep
     from quantlab.workbench.store import ResultStore
 
     config = load_run_config(args.config)
     store_path = args.store or config.store
-    report = run_sweep(
-        config,
-        data_root=args.data_root,
-        cache=args.cache,
-        store_path=store_path,
-        output=args.output,
-        progress_file=args.progress_file,
-        executor=args.executor,
-        address=args.address,
-        resources=_task_resources(args),
-    )
+    resources = _task_resources(args)
+    log = Path(args.output or config.output) / config.name / "quantlab.log"
+    with session(log, verbose=args.verbose, inner_bars=False):
+        report = run_sweep(
+            config,
+            data_root=args.data_root,
+            cache=args.cache,
+            store_path=store_path,
+            output=args.output,
+            progress_file=args.progress_file,
+            executor=args.executor,
+            address=args.address,
+            resources=resources,
+            wait=args.wait,
+        )
     keys = set(report.keys.values())
     with ResultStore(store_path) as store:
         rows = [r for r in store.results() if r.key in keys]
@@ -468,6 +496,12 @@ def cmd_report(args) -> None:
     out = Path(args.out or Path("out") / name / "report")
     path = _write_report(rows, out, name, rows[0].model)
     print(f"\nreport: {path}")
+
+
+def cmd_doctor(args) -> None:
+    from quantlab.doctor import checks, report
+
+    print(report(checks(data_root=args.data_root, cache=args.cache)))
 
 
 def cmd_verify(args) -> None:
@@ -534,6 +568,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--data-root", metavar="DIR", help="local datasets folder (default: $QUANTLAB_DATA)"
     )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show third-party output (library logs, llama.cpp) on the terminal instead of only "
+        "in the command's log file",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_cmd(name: str, help_text: str) -> argparse.ArgumentParser:
@@ -555,6 +596,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
+    sub.add_parser(
+        "doctor", help="what is installed, and what each missing piece disables"
+    ).set_defaults(func=cmd_doctor)
     sub.add_parser("models", help="list named models and supported architectures").set_defaults(
         func=cmd_models
     )
@@ -645,6 +689,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="artifacts folder (default: the config's output)")
     p.add_argument("--progress-file", help="keep a JSON progress record here (for front ends)")
     p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if the same run is already running on the same store, wait for it (default: stop)",
+    )
+    p.add_argument(
         "--executor",
         choices=["local", "ray"],
         default="local",
@@ -729,8 +778,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+FIRST_STEPS = """quantlab: quantize a language model (GPTQ, AWQ, GGUF), measure every output alike.
+
+The five commands to start with:
+
+  quantlab doctor                         what is installed, and what each missing piece disables
+  quantlab run configs/demo.yaml          the demo: the default model through every path, evaluated
+  quantlab quantize smollm2-135m --method gptq --bits 4 --format gptq --out my-gptq
+  quantlab eval my-gptq --ppl wikitext2 --kld --reference smollm2-135m
+  quantlab plan smollm2-135m --vram 8GiB --context 8192
+
+More: quantlab --help, quantlab COMMAND --help, README.md and docs/."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print(FIRST_STEPS)
+        return 0
     if argv[:1] == ["app"]:  # the Gradio app has its own options (quantlab app --help)
         from quantlab.webapp import main as app_main
 

@@ -181,18 +181,22 @@ evaluation:
 
 def _targets(folder: Path) -> dict[str, tuple[bytes, Callable[[bytes], None]]]:
     from quantlab.formats import detect
-    from quantlab.formats.gguf_file import check_gguf_architecture, open_gguf
+    from quantlab.formats.gguf_file import check_gguf_architecture, open_gguf, read_header
     from quantlab.models.folder import inspect_folder, read_safetensors_header
     from quantlab.workbench.config import load_run_config
 
     def gguf(data: bytes) -> None:
         path = folder / "input.gguf"
         path.write_bytes(data)
-        reader = open_gguf(path)
+        try:  # quantlab's own header parser (checks, sizes, manifests) sees every input
+            read_header(path)
+            check_gguf_architecture(path, "torch")
+        except QuantlabError:
+            pass
+        reader = open_gguf(path)  # then gguf's reader (verify, conversions)
         for t in reader.tensors:  # touch what a caller would touch
             _ = t.name, t.tensor_type, t.shape
         del reader
-        check_gguf_architecture(path, "torch")
 
     def safetensors(data: bytes) -> None:
         path = folder / "input.safetensors"

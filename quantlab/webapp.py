@@ -270,18 +270,26 @@ def figures(rows) -> list:
         )
     )
     kld.update_layout(title="KL divergence vs the unquantized model", xaxis_type="log")
-    speed = go.Figure(
-        go.Scatter(
-            x=[v["decode"] for v, _ in values if v["decode"] and v["ppl"]],
-            y=[v["ppl"] for v, _ in values if v["decode"] and v["ppl"]],
-            text=[
-                lab for (v, _), lab in zip(values, label, strict=True) if v["decode"] and v["ppl"]
-            ],
-            mode="markers",
-            marker={"size": 11},
-            hovertemplate="%{text}<br>%{x:.1f} tok/s<br>ppl %{y:.3f}<extra></extra>",
+    speed = go.Figure()
+    timed = [
+        (v["decode"], v["ppl"], lab, v["speed_runtime"] or v["runtime"] or "?")
+        for (v, _), lab in zip(values, label, strict=True)
+        if v["decode"] and v["ppl"]
+    ]
+    for runtime in sorted({p[3] for p in timed}):  # one colour per runtime, named in the legend
+        sel = [p for p in timed if p[3] == runtime]
+        speed.add_trace(
+            go.Scatter(
+                x=[p[0] for p in sel],
+                y=[p[1] for p in sel],
+                text=[p[2] for p in sel],
+                mode="markers",
+                marker={"size": 11},
+                name=runtime,
+                hovertemplate=f"%{{text}}<br>%{{x:.1f}} tok/s ({runtime})<br>ppl %{{y:.3f}}"
+                "<extra></extra>",
+            )
         )
-    )
     speed.update_layout(title="decode speed vs perplexity", xaxis_title="tokens/s")
     acc = go.Figure()
     tasks = sorted({k for v, _ in values for k in v if k.startswith("task:")})

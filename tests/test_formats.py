@@ -213,7 +213,10 @@ def test_written_checkpoint_loads_to_identical_logits(
     tiny_models, tmp_path, name, fmt, bits, group_size, sym
 ):
     source, model, result = _quantized_tiny(tiny_models, name, bits, group_size, sym)
-    out = write_artifact(fmt, tmp_path / "ckpt", source, result=result, model=model)
+    # keep_dtype: the source's float32 for the unquantized tensors, so the logits are identical
+    out = write_artifact(
+        fmt, tmp_path / "ckpt", source, result=result, model=model, keep_dtype=True
+    )
     assert detect_format(out) == fmt
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == fmt[:4]
@@ -228,10 +231,45 @@ def test_written_checkpoint_loads_to_identical_logits(
         assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
+@pytest.mark.parametrize("fmt", ["gptq", "awq"])
+def test_unquantized_tensors_are_written_in_16_bits_unless_kept(tiny_models, tmp_path, fmt):
+    """As the toolkits do: the float32 source's embeddings, head and norms go in as float16 (the
+    config says so), the quantized linears are the same; keep_dtype writes float32."""
+    from safetensors import safe_open
+
+    source, model, result = _quantized_tiny(tiny_models, "tiny-llama", 4, 64, False)
+    paths = {
+        keep: write_artifact(
+            fmt, tmp_path / f"k{keep}", source, result=result, model=model, keep_dtype=keep
+        )
+        for keep in (False, True)
+    }
+    with safe_open(paths[False] / "model.safetensors", framework="pt") as fh:
+        assert fh.get_tensor("model.embed_tokens.weight").dtype == torch.float16
+        assert fh.get_tensor("model.norm.weight").dtype == torch.float16
+    with safe_open(paths[True] / "model.safetensors", framework="pt") as fh:
+        assert fh.get_tensor("model.embed_tokens.weight").dtype == torch.float32
+    assert json.loads((paths[False] / "config.json").read_text())["dtype"] == "float16"
+    size = {k: (p / "model.safetensors").stat().st_size for k, p in paths.items()}
+    assert size[False] < size[True]
+    (a, ca), (b, cb) = load(paths[False]), load(paths[True])
+    for name in ca.weights:
+        _same(ca.weights[name], cb.weights[name])
+    ids = torch.arange(20)[None]
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, atol=2e-3, rtol=0)
+
+
 def test_sharded_checkpoint_loads(tiny_models, tmp_path):
     source, model, result = _quantized_tiny(tiny_models, "tiny-llama")
     out = write_artifact(
-        "gptq", tmp_path / "ckpt", source, result=result, model=model, max_shard_bytes=50_000
+        "gptq",
+        tmp_path / "ckpt",
+        source,
+        result=result,
+        model=model,
+        max_shard_bytes=50_000,
+        keep_dtype=True,
     )
     assert (out / "model.safetensors.index.json").is_file()
     assert len(list(out.glob("model-*-of-*.safetensors"))) > 2

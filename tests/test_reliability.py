@@ -257,3 +257,24 @@ def test_twenty_seeded_sigkills_of_a_sweep(tiny_models, tmp_path):
     assert sorted(counts.values()) == [1] * 5, counts
     for (artifact,) in db.execute("SELECT artifact FROM results WHERE format != 'hf'"):
         verify(artifact, log=lambda _: None)
+
+
+def test_a_gguf_header_claiming_a_huge_string_is_refused_without_reading_it(tmp_path):
+    """A sparse file whose header holds a 400 MB key: refused by its length, nothing copied."""
+    import struct
+
+    from quantlab.errors import CorruptFileError
+    from quantlab.formats.gguf_file import read_header
+
+    path = tmp_path / "huge-key.gguf"
+    with open(path, "wb") as fh:
+        fh.write(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 400_000_000))
+        fh.truncate(32 + 400_000_000 + 64)
+    start = time.perf_counter()
+    with pytest.raises(CorruptFileError, match="over 65536"):
+        read_header(path)
+    assert time.perf_counter() - start < 1.0
+    with open(path, "r+b") as fh:  # a big-endian file says so
+        fh.write(b"GGUF" + struct.pack(">I", 3))
+    with pytest.raises(CorruptFileError, match="big-endian"):
+        read_header(path)

@@ -91,8 +91,10 @@ def test_streaming_writes_the_same_checkpoint_as_the_in_memory_path(
     assert not list(tmp_path.glob(".*tmp-*"))
 
 
-def test_streaming_writes_like_the_in_memory_path_when_the_config_names_no_dtype(tmp_path):
-    """fp16 shards, config without dtype: both paths write the float32 the model loads as."""
+@pytest.mark.parametrize("keep", [False, True])
+def test_streaming_writes_like_the_in_memory_path_when_the_config_names_no_dtype(tmp_path, keep):
+    """fp16 shards, config without dtype: both paths write float16 by default, and with
+    keep_dtype the float32 the model loads as."""
     src = write_synthetic_model(
         tmp_path / "synth", hidden=128, intermediate=256, layers=2, heads=4, kv_heads=2
     )
@@ -103,10 +105,17 @@ def test_streaming_writes_like_the_in_memory_path_when_the_config_names_no_dtype
     rtn = get_method("rtn").config_cls(bits=4, group_size=64)
     hf = load_model(ref)
     result = quantize_model(hf, ref.folder.arch, "rtn", rtn, None, progress=False)
-    write_artifact("gptq", tmp_path / "memory", ref, result=result, model=hf)
-    _stream(ref, "rtn", rtn, None, "gptq", tmp_path / "stream")
+    write_artifact("gptq", tmp_path / "memory", ref, result=result, model=hf, keep_dtype=keep)
+    fmt = format_of_label("gptq")
+
+    def walk(sink):
+        return quantize_streaming(ref, "rtn", rtn, None, sink, progress=False)
+
+    options = fmt.options(keep_dtype=keep)
+    fmt.stream(WriteRequest(tmp_path / "stream", ref, options), walk)
     a, b = _tensors(tmp_path / "memory"), _tensors(tmp_path / "stream")
-    assert a["model.embed_tokens.weight"].dtype == torch.float32
+    want = torch.float32 if keep else torch.float16
+    assert a["model.embed_tokens.weight"].dtype == want
     assert set(a) == set(b)
     for name in a:
         assert a[name].dtype == b[name].dtype and torch.equal(a[name], b[name]), name

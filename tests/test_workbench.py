@@ -83,6 +83,18 @@ def test_shipped_configs_load(name):
         (lambda c: c["evaluation"]["perplexity"][0].update(protocol="x"), "protocol must be"),
         (lambda c: c.pop("model"), "model: required"),
         (lambda c: c["variants"].append({"method": "gptq", "impl": "autogptq"}), "impl must be"),
+        (lambda c: c["variants"].append({"method": ""}), "method is empty"),
+        (lambda c: c["variants"].append({"method": "gptq", "format": ""}), "format is empty"),
+        (
+            lambda c: c["variants"].append({"method": "gptq", "impl": "gptqmodel", "n_grid": 5}),
+            "unknown key 'n_grid'",
+        ),
+        (
+            lambda c: c["variants"].append(
+                {"method": "gptq", "impl": "gptqmodel", "block_size": 64}
+            ),
+            "'block_size' does not reach the gptqmodel toolkit",
+        ),
         (lambda c: c.update(name="../escape"), "run name '../escape': use letters"),
         (lambda c: c["variants"][1].update(streaming=True), "streaming applies to quantlab's"),
         (lambda c: c["variants"].append({"method": "rtn", "name": ".."}), "variant name '..'"),
@@ -223,7 +235,8 @@ def test_a_killed_sweep_resumes_without_duplicate_or_partial_rows(tiny_models, t
 @pytest.mark.slow
 def test_demo_config_gguf_variants_on_the_default_model(default_model, data_root, tmp_path):
     """The GGUF paths of the sweep (llama.cpp quantization with the shared imatrix) on the default
-    model, with a short evaluation."""
+    model, with a short evaluation, in a fresh process: llama.cpp's per-tensor log and the
+    libraries' output go to the run's log file, not the terminal."""
     pytest.importorskip("llama_cpp")
     data = {
         "name": "gguf",
@@ -242,7 +255,14 @@ def test_demo_config_gguf_variants_on_the_default_model(default_model, data_root
     }
     path = tmp_path / "gguf.yaml"
     path.write_text(yaml.safe_dump(data))
-    assert main(["run", str(path)]) == 0
+    done = subprocess.run(
+        [sys.executable, "-m", "quantlab", "run", str(path)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    terminal = done.stdout + done.stderr
+    for marker in ("llama_model_loader", "Loading weights", "torchao", "_pytree", "llama_"):
+        assert marker not in terminal, marker
+    assert "llama_model_loader" in (tmp_path / "out" / "gguf" / "quantlab.log").read_text()
     with ResultStore(tmp_path / "r.db") as store:
         rows = {r.variant: r for r in store.results()}
     q8, q4 = rows["gguf-Q8_0"].metrics, rows["gguf-Q4_K_M-imatrix"].metrics

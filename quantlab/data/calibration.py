@@ -40,8 +40,8 @@ class CalibrationConfig:
             raise ConfigError(f"calibration dtype must be float32 or bfloat16, got {self.dtype!r}")
         if self.n_samples < 1:
             raise ConfigError(f"calibration n_samples must be >= 1, got {self.n_samples}")
-        if self.seq_len < 1:
-            raise ConfigError(f"calibration seq_len must be >= 1, got {self.seq_len}")
+        if self.seq_len < 8:
+            raise ConfigError(f"calibration seq_len must be >= 8, got {self.seq_len}")
         if self.seed < 0:
             raise ConfigError(f"calibration seed must be >= 0, got {self.seed}")
 

@@ -99,15 +99,13 @@ def corpus_entry(name: str) -> CorpusEntry:
         ) from None
 
 
-def _hub_offline() -> bool:
-    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    return any(f.lower() in ("1", "true", "yes", "on") for f in flags)
-
-
 def _from_hub(dataset: str, config: str | None, split: str, **kwargs) -> list[str]:
-    """The ``text`` column of a Hub dataset split, or `DataError` naming why not."""
-    if _hub_offline():
-        raise DataError(f"hub:{dataset} is unavailable: offline mode (HF_HUB_OFFLINE) is set")
+    """The ``text`` column of a Hub dataset split, or `DataError` naming why not. Without a
+    reachable Hub (decided once per process, `quantlab.net`) the answer is immediate."""
+    from quantlab.net import hub_reachable, why_offline
+
+    if not hub_reachable():
+        raise DataError(f"hub:{dataset} is unavailable: {why_offline()}")
     try:
         import datasets
     except ImportError:
@@ -220,6 +218,9 @@ def _from_path(path: Path) -> Corpus:
     return Corpus(path.name, "all", tuple(docs), str(path), standard=False, raw=raw)
 
 
+_LOADED: dict[tuple, Corpus] = {}  # this process's corpora: a sweep loads each one once
+
+
 def load_corpus(
     name: str,
     split: str | None = None,
@@ -230,8 +231,22 @@ def load_corpus(
     """Load a corpus split; with ``fallback``, an unavailable corpus becomes ``pydoc`` (labelled).
 
     ``name`` is a registered corpus, ``hub:<dataset>`` or a path to a .txt/.jsonl file or folder.
+    Registered and Hub corpora are loaded once per process (later calls get the same `Corpus`);
+    local files are read each time (they may change).
     """
     root = settings.data_root(data_root)
+    if name in _CORPORA:
+        split = split or _CORPORA[name].splits[0]
+    key = (name, split, str(root), fallback)
+    if key in _LOADED:
+        return _LOADED[key]
+    corpus = _load(name, split, root, fallback)
+    if name in _CORPORA or name.startswith("hub:"):
+        _LOADED[key] = corpus
+    return corpus
+
+
+def _load(name: str, split: str | None, root: Path | None, fallback: bool) -> Corpus:
     if name.startswith("hub:"):
         dataset = name[4:]
         docs = _from_hub(dataset, None, split or "train")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from quantlab import settings
+from quantlab.console import bar_stream
 from quantlab.data.corpora import load_corpus
 from quantlab.errors import ConfigError
 from quantlab.eval.kld import (
@@ -126,7 +126,7 @@ def _progress(label: str):
     def update(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=total, desc=label, unit="window", file=sys.stderr, leave=False)
+            bar = tqdm(total=total, desc=label, unit="window", file=bar_stream(), leave=False)
         bar.update(done - bar.n)
         if done == total:
             bar.close()

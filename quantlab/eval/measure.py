@@ -22,13 +22,18 @@ from pathlib import Path
 
 import numpy as np
 
+from quantlab.errors import QuantlabError
+
 
 @dataclass(frozen=True)
 class SizeResult:
     bytes_on_disk: int
     tensor_bytes: int
     weights: int  # number of stored tensor elements (original parameters)
-    bits_per_weight: float
+    bits_per_weight: float  # the whole file: 8 * tensor bytes / weights
+    # the quantized linears alone (codes + scales + zero points + indices over their weights);
+    # for an unquantized model, its linears' dtype. None in rows measured before it existed.
+    linear_bits_per_weight: float | None = None
 
 
 def size_of(path: str | os.PathLike) -> SizeResult:
@@ -40,17 +45,38 @@ def size_of(path: str | os.PathLike) -> SizeResult:
     files = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
     on_disk = sum(f.stat().st_size for f in files)
     found = detect(path)
-    if found is not None:
-        stored = found[0].size(path)
-        tensor_bytes, weights = stored.tensor_bytes, stored.weights
-    else:  # an unquantized folder: every tensor is a weight
-        from quantlab.models.folder import SAFETENSORS_DTYPE_SIZES, read_safetensors_header
+    # an unquantized folder: every tensor is a weight; the linears are the blocks' own
+    stored = found[0].size(path) if found is not None else _folder_size(path)
+    linear_bpw = None
+    if stored.linear_weights:
+        linear_bpw = 8 * stored.linear_bytes / stored.linear_weights
+    bpw = 8 * stored.tensor_bytes / max(stored.weights, 1)
+    return SizeResult(on_disk, stored.tensor_bytes, stored.weights, bpw, linear_bpw)
 
-        st = sorted(p for p in path.glob("*.safetensors") if p.name != "imatrix.safetensors")
-        infos = [t for f in st for t in read_safetensors_header(f)]
-        tensor_bytes = sum(t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype] for t in infos)
-        weights = sum(t.numel for t in infos)
-    return SizeResult(on_disk, tensor_bytes, weights, 8 * tensor_bytes / max(weights, 1))
+
+def _folder_size(path: Path):
+    import json
+
+    from quantlab.formats import ArtifactSize
+    from quantlab.models.arch import arch_spec_for_config
+    from quantlab.models.folder import SAFETENSORS_DTYPE_SIZES, read_safetensors_header
+
+    st = sorted(p for p in path.glob("*.safetensors") if p.name != "imatrix.safetensors")
+    infos = [t for f in st for t in read_safetensors_header(f)]
+    linears = []
+    try:
+        arch = arch_spec_for_config(json.loads((path / "config.json").read_text()))
+        suffixes = tuple(f".{name}.weight" for name in arch.linears)
+        linears = [t for t in infos if t.name.startswith(arch.blocks) and t.name.endswith(suffixes)]
+    except (OSError, ValueError, QuantlabError):  # no (known) architecture: no linear share
+        pass
+    nbytes = lambda ts: sum(t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype] for t in ts)  # noqa: E731
+    return ArtifactSize(
+        nbytes(infos),
+        sum(t.numel for t in infos),
+        nbytes(linears) if linears else None,
+        sum(t.numel for t in linears) if linears else None,
+    )
 
 
 @dataclass

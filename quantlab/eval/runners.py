@@ -23,7 +23,7 @@ from quantlab.errors import MissingDependencyError, QuantlabError
 
 class LogitsRunner(Protocol):
     name: str  # what is evaluated, for reports
-    runtime: str  # "transformers" or "llama.cpp"
+    runtime: str  # "transformers[+how its quantized linears run]" or "llama.cpp"
     vocab_size: int
     add_bos: bool  # whether its tokenizer puts BOS at the start of a text
 
@@ -54,15 +54,33 @@ class HFTokenizer:
         return np.asarray(ids, dtype=np.int64)
 
 
-class HFRunner(HFTokenizer):
-    """A transformers causal LM on CPU or GPU."""
+def runtime_of(model) -> str:
+    """What runs ``model``'s linears (see `HFRunner`)."""
+    from quantlab.qlinear import QuantLinear
 
-    runtime = "transformers"
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if not layers:
+        return "transformers"
+    backends = sorted({m.kernel["backend"] for m in layers if m.kernel is not None})
+    if not backends:
+        return "transformers+reference dequant"
+    return f"transformers+{'/'.join(backends)} kernels"
+
+
+class HFRunner(HFTokenizer):
+    """A transformers causal LM on CPU or GPU. ``runtime`` says how its quantized linears run:
+    ``transformers`` (none), ``transformers+reference dequant`` (quantlab's `QuantLinear`
+    dequantizing every weight at every forward: correct everywhere, not fast) or
+    ``transformers+<backend> kernels``."""
 
     def __init__(self, model, tokenizer, name: str):
         super().__init__(tokenizer, name)
         self.model = model
         self.vocab_size = int(model.config.vocab_size)
+
+    @property
+    def runtime(self) -> str:
+        return runtime_of(self.model)
 
     @property
     def device(self):

@@ -9,6 +9,7 @@ AWQ's (the format is a layout; AWQ's scaling is already folded into the weights 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
@@ -17,8 +18,15 @@ from quantlab.formats.checkpoint import HFCheckpointFormat
 from quantlab.formats.registry import register_format
 
 
+@dataclass(frozen=True)
+class AWQOptions:
+    keep_dtype: bool = False  # False: embeddings, head and norms in 16 bits (as the toolkits)
+    version: int = 1
+
+
 class AWQFormat(HFCheckpointFormat):
     name = "awq"
+    options = AWQOptions
     description = "AWQ GEMM checkpoint, 4-bit (transformers, vLLM, GPTQModel)"
     parts = ("qweight", "qzeros", "scales")
     marker = "qweight"

@@ -43,8 +43,9 @@ from quantlab.version import __version__
 
 _DTYPES = ("float32", "float16", "bfloat16")
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack")
+# not copied from the source: rewritten here, or the source's own card (ours replaces it)
 SKIP_FILES = {"config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"}
-DEFAULT_SHARD_BYTES = 2 * 1024**3
+SKIP_FILES |= {"README.md"}
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,15 @@ def source_config(source) -> tuple[dict, torch.dtype | None]:
     config = json.loads((Path(source.path) / "config.json").read_text())
     source_dtype = config.get("dtype") or config.get("torch_dtype")
     return config, (getattr(torch, source_dtype) if source_dtype in _DTYPES else None)
+
+
+def written_dtype(stored: torch.dtype | None, keep: bool) -> torch.dtype | None:
+    """The dtype a checkpoint stores its non-quantized tensors in (embeddings, head, norms):
+    16-bit, as the toolkits write them - the source's own when it is 16-bit, else float16 -
+    unless ``keep`` (``keep_dtype``) asks for the source's dtype (None: as loaded, float32)."""
+    if keep:
+        return stored
+    return stored if stored in (torch.float16, torch.bfloat16) else torch.float16
 
 
 def check_uniform(label: str, summaries: dict[str, WeightSummary]) -> None:
@@ -128,6 +138,13 @@ def save_shards(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes:
     return [*names, "model.safetensors.index.json"]
 
 
+def _with_dtype(config: dict, dtype: torch.dtype | None) -> dict:
+    """``config`` saying the dtype its non-quantized tensors are written in."""
+    if dtype is None:
+        return config
+    return {**config, "dtype": str(dtype).removeprefix("torch.")}
+
+
 class HFCheckpointFormat(Format):
     """A Hugging Face folder with ``quantization_config``; subclasses fill in the layout."""
 
@@ -161,6 +178,10 @@ class HFCheckpointFormat(Format):
     def code_bits(self, qc: dict) -> int:
         return int(qc.get("bits", 4))
 
+    def keeps_dtype(self, options) -> bool:
+        """Whether ``options`` ask for the source's dtype for non-quantized tensors."""
+        return bool(getattr(options, "keep_dtype", False))
+
     # --- writing --------------------------------------------------------------------------------
     def pack_linears(self, weights: dict, options) -> dict[str, torch.Tensor]:
         """Every linear of ``weights`` packed into the format's tensors (refusals raise here)."""
@@ -177,13 +198,16 @@ class HFCheckpointFormat(Format):
         summaries = {name: WeightSummary.of(qw) for name, qw in result.weights.items()}
         check_uniform(self.label(options), summaries)
         packed = self.pack_linears(result.weights, options)  # refuses before touching the disk
-        config, dtype = source_config(request.source)
+        config, stored = source_config(request.source)
+        dtype = written_dtype(stored, self.keeps_dtype(options))
         tensors = state_tensors(model, set(result.weights), dtype, set(result.modified))
         tensors.update(packed)
         out = Path(request.out)
         with atomic_directory(out) as tmp:
             files = save_shards(tensors, tmp, request.max_shard_bytes)
-            self.finish_folder(tmp, result, summaries, config, request.source, files, options)
+            self.finish_folder(
+                tmp, result, summaries, _with_dtype(config, dtype), request.source, files, options
+            )
         return out
 
     def stream(self, request: WriteRequest, run: Callable) -> tuple[Path, object]:
@@ -197,10 +221,11 @@ class HFCheckpointFormat(Format):
         source, options = request.source, request.options
         if not source.folder.tensors:
             raise QuantlabError(f"{source.path}: streaming reads safetensors shards; found none")
-        config, stored_dtype = source_config(source)
-        # what the in-memory writer does: the loaded (float32) model's tensors in the config's
-        # dtype, float32 when the config names none
-        out_dtype = stored_dtype or torch.float32
+        config, stored = source_config(source)
+        # what the in-memory writer does: the loaded (float32) model's tensors in the written
+        # dtype (`written_dtype`), float32 when that is the source's and the config names none
+        dtype = written_dtype(stored, self.keeps_dtype(options))
+        out_dtype = dtype or torch.float32
         blocks = source.folder.arch.blocks
         tensors = TensorSource(source.folder)
         summaries: dict[str, WeightSummary] = {}
@@ -237,7 +262,9 @@ class HFCheckpointFormat(Format):
                 for key, tensor in tensors.read([name]).items():
                     writer.add(key, as_written(tensor))
             files = writer.close()
-            self.finish_folder(tmp, result, summaries, config, source, files, options)
+            self.finish_folder(
+                tmp, result, summaries, _with_dtype(config, dtype), source, files, options
+            )
         return out, result
 
     def finish_folder(self, tmp: Path, result, summaries, config, source, files, options) -> None:
@@ -324,15 +351,17 @@ class HFCheckpointFormat(Format):
         )
         infos = [t for f in files for t in read_safetensors_header(f)]
         tensor_bytes = sum(t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype] for t in infos)
-        overhead = set(self.parts) - {self.marker}
-        weights = 0
+        quantized = {t.name.rsplit(".", 1)[0] for t in infos if t.name.endswith("." + self.marker)}
+        weights = linear_bytes = linear_weights = 0
         for t in infos:
-            part = t.name.rsplit(".", 1)[-1]
-            if part == self.marker:
-                weights += t.numel * 32 // bits  # int32 words of packed codes
-            elif part not in overhead:
+            module, _, part = t.name.rpartition(".")
+            if module in quantized and part in self.parts:
+                linear_bytes += t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype]
+                if part == self.marker:
+                    linear_weights += t.numel * 32 // bits  # int32 words of packed codes
+            else:
                 weights += t.numel
-        return ArtifactSize(tensor_bytes, weights)
+        return ArtifactSize(tensor_bytes, weights + linear_weights, linear_bytes, linear_weights)
 
     def verify(self, path: Path, check) -> None:
         path = Path(path)

@@ -33,6 +33,8 @@ class GGUFOptions:
     gguf_type: str | None = field(
         default=None, metadata={"choices": GGUF_TYPES, "common": COMMON_TYPES}
     )
+    # with a method: the other tensors from an F32 copy of the model (True) or an F16 one
+    keep_dtype: bool = False
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -62,6 +64,8 @@ class GGUFFormat(Format):
                 return "format gguf needs gguf_type (llama.cpp's quantization) or a method"
             if options.gguf_type in NEEDS_IMATRIX and not imatrix:
                 return f"gguf_type {options.gguf_type} needs imatrix: true"
+            if options.keep_dtype:
+                return "keep_dtype applies to a method's result written as GGUF blocks"
             return None
         if options.gguf_type:
             return (
@@ -93,11 +97,9 @@ class GGUFFormat(Format):
                 )
         return None
 
-    def label(self, options) -> str:
-        return self.name
-
     def detect(self, path: Path):
-        return self.options() if Path(path).suffix == self.suffix else None
+        path = Path(path)  # a missing file too: opening it then says it does not exist
+        return self.options() if path.suffix == self.suffix and not path.is_dir() else None
 
     def write(self, request: WriteRequest) -> Path:
         from quantlab import settings
@@ -106,7 +108,8 @@ class GGUFFormat(Format):
         if request.result is not None:
             from quantlab.formats.gguf_lossless import lossless_artifact
 
-            return lossless_artifact(request.result, request.source, out, cache)[0]
+            base = "F32" if request.options.keep_dtype else "F16"
+            return lossless_artifact(request.result, request.source, out, cache, base)[0]
         from quantlab.formats.gguf_quant import llama_cpp_artifact
 
         return llama_cpp_artifact(
@@ -135,7 +138,8 @@ class GGUFFormat(Format):
 
     def side_files(self, path: Path) -> list[Path]:
         path = Path(path)
-        return [path.with_name(path.name + ".manifest.json"), imatrix_file(path)]
+        manifest = path.with_name(path.name + ".manifest.json")
+        return [manifest, imatrix_file(path), *super().side_files(path)]
 
     def check(self, path: Path, runtime: str) -> None:
         from quantlab.formats.gguf_file import check_gguf_architecture
@@ -146,9 +150,12 @@ class GGUFFormat(Format):
         """The file dequantized into a transformers model (transformers' GGUF loader, which
         dequantizes every tensor with ``gguf`` and undoes llama.cpp's q/k row order)."""
         import torch
-        from transformers import AutoModelForCausalLM
 
         from quantlab.formats.registry import LoadedCheckpoint
+        from quantlab.models.hf import prepare_transformers
+
+        prepare_transformers()
+        from transformers import AutoModelForCausalLM
 
         path = Path(path)
         self.check(path, "torch")  # a corrupt or alien file fails here
@@ -169,10 +176,16 @@ class GGUFFormat(Format):
         import math
 
         from quantlab.formats.gguf_file import read_header
+        from quantlab.formats.gguf_quant import HF_TO_GGUF
 
         tensors = read_header(path).tensors
+        suffixes = tuple(f".{name}.weight" for name in HF_TO_GGUF.values())
+        linears = [t for t in tensors if t.name.startswith("blk.") and t.name.endswith(suffixes)]
         return ArtifactSize(
-            sum(t.nbytes for t in tensors), sum(math.prod(t.shape) for t in tensors)
+            sum(t.nbytes for t in tensors),
+            sum(math.prod(t.shape) for t in tensors),
+            sum(t.nbytes for t in linears),
+            sum(math.prod(t.shape) for t in linears),
         )
 
     def verify(self, path: Path, check) -> None:

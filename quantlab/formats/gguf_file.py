@@ -77,6 +77,8 @@ _SCALARS = {
     12: "<d",
 }  # fmt: skip  GGUFValueType -> struct format
 _STRING, _ARRAY = 8, 9
+MAX_KEY_BYTES = 64 * 1024  # keys and tensor names (llama.cpp's are under 100 bytes)
+MAX_VALUE_BYTES = 16 * 1024 * 1024  # a single string value (chat templates are a few KiB)
 
 
 def read_header(path: str | os.PathLike) -> GGUFHeader:
@@ -96,11 +98,14 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
     def bad(why: str) -> CorruptFileError:
         return CorruptFileError(f"{path}: not a readable GGUF file, truncated or corrupt ({why})")
 
-    with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        if size < 24:
-            raise bad("shorter than a GGUF header")
-        buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size < 24:
+                raise bad("shorter than a GGUF header")
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    except OSError as exc:
+        raise QuantlabError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         pos = 0
 
@@ -113,15 +118,22 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
             pos += n
             return value
 
-        def string() -> str:
+        def skip_string() -> int:
+            """Step over a string (length-checked, nothing copied); returns its start."""
             nonlocal pos
             n = take("<Q")
-            if pos + n > size:
+            if n > size - pos:
                 raise bad(f"a string of {n} bytes runs past the end at byte {pos}")
-            raw = bytes(buf[pos : pos + n])
+            start = pos
             pos += n
+            return start
+
+        def string(limit: int) -> str:
+            start = skip_string()
+            if pos - start > limit:  # a key or value no real file has: refuse, do not copy it
+                raise bad(f"a string of {pos - start} bytes at byte {start}, over {limit}")
             try:
-                return raw.decode("utf-8")
+                return bytes(buf[start:pos]).decode("utf-8")
             except UnicodeDecodeError as exc:
                 raise bad(f"a string is not UTF-8 ({exc.reason})") from None
 
@@ -130,7 +142,7 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
             if vtype in _SCALARS:
                 return take(_SCALARS[vtype])
             if vtype == _STRING:
-                return string()
+                return string(MAX_VALUE_BYTES)
             if vtype != _ARRAY or depth > 2:
                 raise bad(f"unknown value type {vtype}")
             item, count = take("<I"), take("<Q")
@@ -141,6 +153,9 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
                 pos += count * width
             elif count > size - pos:
                 raise bad(f"an array of {count} items runs past the end")
+            elif item == _STRING:  # e.g. a vocabulary: stepped over, not decoded
+                for _ in range(count):
+                    skip_string()
             else:
                 for _ in range(count):
                     value(item, depth + 1)
@@ -151,17 +166,19 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
         pos = 4
         version = take("<I")
         if version not in (2, 3):
+            if version in (2 << 24, 3 << 24):
+                raise bad("a big-endian GGUF file; quantlab reads little-endian ones")
             raise bad(f"version {version}; quantlab reads versions 2 and 3")
         n_tensors, n_kv = take("<Q"), take("<Q")
         if n_tensors > size or n_kv > size:
             raise bad("more entries than the file has bytes")
         metadata: dict[str, object] = {}
         for _ in range(n_kv):
-            key = string()
+            key = string(MAX_KEY_BYTES)
             metadata[key] = value(take("<I"))
         infos = []
         for _ in range(n_tensors):
-            name = string()
+            name = string(MAX_KEY_BYTES)
             n_dims = take("<I")
             if not 1 <= n_dims <= 4:
                 raise bad(f"tensor {name!r} has {n_dims} dimensions")

@@ -181,15 +181,18 @@ def write_lossless_gguf(
     return dst, {name: gtype for name, (gtype, _) in blocks.items()}
 
 
-def lossless_artifact(result, model_ref, out: Path, cache: Path) -> tuple[Path, dict]:
+def lossless_artifact(
+    result, model_ref, out: Path, cache: Path, outtype: str = "F16"
+) -> tuple[Path, dict]:
     """``out``: ``result`` (a `QuantizationResult` of ``model_ref``) as GGUF blocks in a copy of
-    the model's full-precision GGUF, with its manifest; returns the path and per-linear types."""
+    the model's full-precision GGUF (``outtype`` F16 or F32: the other tensors' type; 1-D ones
+    stay F32), with its manifest; returns the path and per-linear types."""
     import dataclasses
     import json
 
     from quantlab.formats.gguf_quant import full_precision_gguf, write_gguf_manifest
 
-    src = full_precision_gguf(model_ref, cache)
+    src = full_precision_gguf(model_ref, cache, outtype)
     config = json.loads((Path(model_ref.path) / "config.json").read_text())
     path, types = write_lossless_gguf(result, src, out, config)
     write_gguf_manifest(

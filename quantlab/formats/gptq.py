@@ -26,6 +26,7 @@ _VERSIONS = {"v1": "gptq", "v2": "gptq_v2"}  # option -> checkpoint_format
 @dataclass(frozen=True)
 class GPTQOptions:
     gptq_format: str = "v1"  # v1: every loader (no zero point 0); v2: GPTQModel
+    keep_dtype: bool = False  # False: embeddings, head and norms in 16 bits (as the toolkits)
     version: int = 1
 
     def __post_init__(self) -> None:
@@ -132,7 +133,7 @@ class GPTQFormat(HFCheckpointFormat):
         version = next((v for v, f in _VERSIONS.items() if f == fmt), None)
         if version is None:
             raise QuantlabError(f"{path}: GPTQ checkpoint_format {fmt!r} is not supported")
-        return GPTQOptions(version)
+        return GPTQOptions(version)  # (keep_dtype is a writing choice, not read back)
 
     def decoder(self, qc: dict, options, dtype):
         if "bits" not in qc:

@@ -88,6 +88,9 @@ def load_quantized_folder(
     """``(model, LoadedCheckpoint)`` of a Hugging Face quantized checkpoint folder whose
     quantized linears are the tensors ``<linear>.<part>`` that ``decode`` turns into a
     `QuantizedWeight` (``marker`` is the part every quantized linear has)."""
+    from quantlab.models.hf import prepare_transformers
+
+    prepare_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from quantlab.models.arch import arch_spec_for_config

@@ -199,7 +199,8 @@ class NativeFormat(Format):
         gs = manifest["group_size"] if manifest["group_size"] > 0 else None
         bits = manifest["bits"]
         per_weight = bits + ((16 + bits) / gs if gs else 0.0)
-        return ArtifactSize(int(weights * per_weight / 8), weights)
+        packed = int(weights * per_weight / 8)
+        return ArtifactSize(packed, weights, packed, weights)
 
     def verify(self, path: Path, check) -> None:
         artifact = read_native(path, verify=True)

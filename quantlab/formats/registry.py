@@ -33,10 +33,13 @@ class NoOptions:
 @dataclass(frozen=True)
 class ArtifactSize:
     """What an artifact stores: tensor bytes and the number of weights they encode (so that
-    ``8 * tensor_bytes / weights`` is its bits per weight)."""
+    ``8 * tensor_bytes / weights`` is its bits per weight), for the whole file and for the
+    quantized linears alone (codes with their scales, zero points and indices)."""
 
     tensor_bytes: int
     weights: int
+    linear_bytes: int | None = None
+    linear_weights: int | None = None
 
 
 @dataclass
@@ -140,8 +143,14 @@ class Format:
         raise QuantlabError(f"format {self.name} cannot be written")
 
     def side_files(self, path: Path) -> list[Path]:
-        """Files a single-file artifact has beside it (its manifest, ...)."""
-        return []
+        """Files a single-file artifact has beside it (its manifest, its card, ...)."""
+        return [self.card_path(path)] if self.suffix else []
+
+    def card_path(self, path: Path) -> Path:
+        """Where the artifact's model card is: ``README.md`` in a folder, ``<stem>.md`` beside
+        a file (`quantlab.formats.card`)."""
+        path = Path(path)
+        return path.with_name(path.stem + ".md") if self.suffix else path / "README.md"
 
     def stream(self, request: WriteRequest, run):
         """Write the artifact block by block (formats that stream): ``run(sink)`` performs the

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from quantlab.console import bar_stream
 from quantlab.errors import QuantlabError
 from quantlab.methods.registry import get_method
 from quantlab.models.arch import ArchSpec, InputGroup
@@ -397,7 +397,7 @@ def quantize_model(
         range(len(blocks)),
         desc=f"{method} blocks" + (" (streaming)" if loader is not None else ""),
         unit="block",
-        file=sys.stderr,
+        file=bar_stream(),
         disable=not progress,
     )
     for i in bar:
@@ -464,7 +464,7 @@ def collect_imatrix(
         f"{arch.blocks}.{i}.{name}": [0.0, 0] for i in range(len(blocks)) for name in arch.linears
     }
     for i in tqdm(
-        range(len(blocks)), desc="imatrix", unit="block", file=sys.stderr, disable=not progress
+        range(len(blocks)), desc="imatrix", unit="block", file=bar_stream(), disable=not progress
     ):
         block = blocks[i]
         compute = block

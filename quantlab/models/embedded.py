@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 from quantlab.atomic import atomic_directory
@@ -54,12 +53,16 @@ def convert_embedded(dest: Path) -> Path:
     if (dest / PROVENANCE_FILE).is_file():
         return dest
     gguf_file = embedded_gguf_path()
+    from quantlab.models.hf import prepare_transformers
+
+    prepare_transformers()
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    print(
-        f"quantlab: converting the embedded model {gguf_file.name} to a Hugging Face folder "
-        f"(once, ~20 s) -> {dest}",
-        file=sys.stderr,
+    from quantlab.console import say
+
+    say(
+        f"converting the embedded model {gguf_file.name} to a Hugging Face folder "
+        f"(once, ~20 s) -> {dest}"
     )
     kwargs = {"gguf_file": gguf_file.name}
     model = AutoModelForCausalLM.from_pretrained(

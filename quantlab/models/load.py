@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from quantlab.errors import ConfigError
+from quantlab.models.hf import prepare_transformers
 from quantlab.models.resolve import ResolvedModel
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -17,6 +18,8 @@ def load_tokenizer(model: ResolvedModel):
 def load_model(model: ResolvedModel, *, dtype: str = "float32", device: str = "cpu"):
     """The model in eval mode, weights in ``dtype`` on ``device``."""
     import torch
+
+    prepare_transformers()
     from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:

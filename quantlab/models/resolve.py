@@ -63,6 +63,9 @@ def _named_folder(spec: str, cache: Path) -> tuple[Path, str]:
 
 
 def _download(repo_id: str, cache: Path) -> Path:
+    from quantlab.net import hub_reachable
+
+    hub_reachable()  # decided once; unreachable: offline mode, only the local Hub cache is read
     try:
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import RepositoryNotFoundError

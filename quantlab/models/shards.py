@@ -26,7 +26,6 @@ class TensorSource:
     def __init__(self, folder):
         self.path = Path(folder.path)
         self.file_of = {t.name: self.path / t.file for t in folder.tensors}
-        self.shapes = {t.name: tuple(t.shape) for t in folder.tensors}
 
     def names(self) -> list[str]:
         return list(self.file_of)
@@ -79,6 +78,9 @@ def release_memory() -> None:
 def model_skeleton(model_ref):
     """The model's modules with every parameter and persistent buffer on ``meta`` (no memory);
     non-persistent buffers (rotary frequencies) are rebuilt on the CPU."""
+    from quantlab.models.hf import prepare_transformers
+
+    prepare_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(

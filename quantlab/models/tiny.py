@@ -59,6 +59,10 @@ def byte_tokenizer():
 def build_tiny_model(name: str, dest: Path, seed: int = 0) -> Path:
     """Write the tiny model ``name`` with weights drawn from ``seed`` to ``dest`` (atomically)."""
     import torch
+
+    from quantlab.models.hf import prepare_transformers
+
+    prepare_transformers()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     spec = TINY_MODELS[name]

@@ -32,7 +32,9 @@ default format (``native``). A variant with neither method nor format is the unq
 itself.
 
 Defaults: the library's own, except that an evaluation section that leaves them out measures
-``perplexity`` on WikiText-2 (gptq protocol), ``kld`` and ``speed`` (`EVALUATION_DEFAULTS`).
+``perplexity`` on WikiText-2 (gptq protocol), ``kld`` and ``speed`` (`EVALUATION_DEFAULTS`), and
+a calibration section draws 32 x 512 tokens (`CALIBRATION_DEFAULTS`; the CLI's default is the
+papers' 128 x 2048).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 VARIANT_KEYS = ("name", "method", "format", "impl", "imatrix", "streaming")
 IMPL = "quantlab"  # quantlab's own implementation of a method (else a reference toolkit's)
 EVALUATION_DEFAULTS = {"perplexity": (PerplexityConfig(),), "kld": True, "speed": True}
+# a sweep's calibration when the section leaves them out: small enough for a laptop's sweep
+CALIBRATION_DEFAULTS = {"n_samples": 32, "seq_len": 512}
 # how the default variant name spells a method setting
 _SHORT = {"act_order": "act", "static_groups": "static"}
 
@@ -118,6 +122,32 @@ def _fields(cls) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls) if f.name != "version"}
 
 
+def _type_name(tp) -> str:
+    import types
+    import typing
+
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def field_types(cls) -> dict[str, str]:
+    """Each settable field's type as written (``int``, ``str | None``), whether or not the
+    dataclass's module postpones its annotations."""
+    import typing
+
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that does not resolve: use it as written
+        hints = {}
+    return {
+        name: _type_name(hints[name]) if name in hints else str(f.type)
+        for name, f in _fields(cls).items()
+    }
+
+
 def _default_name(method, config, given: set, fmt, options, impl, imatrix) -> str:
     """``gptq-w4-g128-asym-act-gptq``, ``gguf-Q4_K_M-imatrix``, ``unquantized``: bits and group
     size always, ``sym``/``asym`` when given, other settings when given and not the default."""
@@ -142,7 +172,8 @@ def _default_name(method, config, given: set, fmt, options, impl, imatrix) -> st
             elif value == f.default:
                 continue
             elif isinstance(value, bool):
-                parts.append(_SHORT.get(key, key.replace("_", "-")) if value else f"no-{key}")
+                short = _SHORT.get(key, key.replace("_", "-"))
+                parts.append(short if value else f"no-{key.replace('_', '-')}")
             else:
                 parts.append(f"{key.replace('_', '-')}{value}")
         if fmt is not None and not fmt.default:
@@ -177,13 +208,17 @@ def parse_variant(data, where: str = "variant") -> Variant:
         own.get("imatrix", False),
         own.get("streaming"),
     )
+    for key in ("method", "format", "impl", "name"):
+        if own.get(key) == "":
+            raise ConfigError(f"{where}: {key} is empty (leave the key out instead)")
     try:
         spec = get_method(method) if method else None
     except ConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
     method_fields = _fields(spec.config_cls) if spec else {}
     if fmt_name is None:  # the one format whose options the keys name, else native for a method
-        owners = [f.name for f in formats() if f.writable and set(data) & _fields(f.options).keys()]
+        theirs = set(data) - set(method_fields)  # a key the method owns names no format
+        owners = [f.name for f in formats() if f.writable and theirs & _fields(f.options).keys()]
         if len(owners) == 1:
             fmt_name = owners[0]
         elif method and impl == IMPL:
@@ -203,23 +238,35 @@ def parse_variant(data, where: str = "variant") -> Variant:
             )
         allowed = [*VARIANT_KEYS, *method_fields, *option_f]
         raise ConfigError(f"{where}: unknown key {key!r}; allowed: {', '.join(allowed)}")
+    both = sorted(set(data) & set(method_fields) & set(option_f))
+    if both:
+        raise ConfigError(
+            f"{where}: {both[0]!r} is a setting of method {method} and of format {fmt_name}; "
+            "one of them must rename it"
+        )
     given_method = {k: data[k] for k in data if k in method_fields}
     given_options = {k: data[k] for k in data if k in option_f}
-    _check_types({k: str(f.type) for k, f in method_fields.items()}, given_method, where)
-    _check_types({k: str(f.type) for k, f in option_f.items()}, given_options, where)
+    if spec:
+        _check_types(field_types(spec.config_cls), given_method, where)
+    if fmt:
+        _check_types(field_types(fmt.options), given_options, where)
     try:
         config = spec.config_cls(**given_method) if spec else None
         options = fmt.options(**given_options) if fmt else None
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
-    _check_variant(where, method, config, fmt, options, impl, imatrix, streaming)
+    _check_variant(where, method, config, fmt, options, impl, imatrix, streaming, given_method)
     given = set(given_method) if method else set(given_options)
     name = own.get("name") or _default_name(method, config, given, fmt, options, impl, imatrix)
     _check_name("variant name", name)
     return Variant(name, method, config, fmt_name, options, impl, imatrix, bool(streaming))
 
 
-def _check_variant(where, method, config, fmt, options, impl, imatrix, streaming) -> None:
+# what the reference toolkits are given of a method's config (`quantlab.reference.run_reference`)
+TOOLKIT_SETTINGS = ("bits", "group_size", "sym", "act_order", "damp_percent")
+
+
+def _check_variant(where, method, config, fmt, options, impl, imatrix, streaming, given) -> None:
     from quantlab.reference import IMPLS, METHODS
 
     if impl != IMPL:
@@ -230,6 +277,13 @@ def _check_variant(where, method, config, fmt, options, impl, imatrix, streaming
             raise ConfigError(
                 f"{where}: impl {impl} runs that toolkit's {' or '.join(METHODS)} and writes its "
                 f"own checkpoint: give method {' or '.join(METHODS)} and no format"
+            )
+        ignored = sorted(set(given) - set(TOOLKIT_SETTINGS))
+        if ignored or imatrix:
+            key = ignored[0] if ignored else "imatrix"
+            raise ConfigError(
+                f"{where}: {key!r} does not reach the {impl} toolkit (it is given "
+                f"{', '.join(TOOLKIT_SETTINGS)})"
             )
     elif fmt is not None:
         reason = fmt.accepts(method, config, options, imatrix=imatrix)
@@ -252,7 +306,9 @@ class RunConfig:
     name: str
     model: str
     variants: tuple[Variant, ...]
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    calibration: CalibrationConfig = field(
+        default_factory=lambda: CalibrationConfig(**CALIBRATION_DEFAULTS)
+    )
     evaluation: EvalConfig = field(default_factory=lambda: EvalConfig(**EVALUATION_DEFAULTS))
     output: str = "out"  # artifacts go to <output>/<name>/<variant>
     store: str = "results/quantlab.db"
@@ -294,7 +350,7 @@ def _build(cls, data, where: str, defaults: dict | None = None):
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(fields)}")
-    _check_types({k: str(f.type) for k, f in fields.items()}, data, where)
+    _check_types(field_types(cls), data, where)
     try:
         return cls(**{**(defaults or {}), **data})
     except (ConfigError, TypeError) as exc:
@@ -349,7 +405,9 @@ def parse_run_config(data) -> RunConfig:
     if not isinstance(variants, list):
         raise ConfigError("variants: expected a list of mappings")
     data["variants"] = tuple(parse_variant(v, f"variants[{i}]") for i, v in enumerate(variants))
-    data["calibration"] = _build(CalibrationConfig, data.get("calibration"), "calibration")
+    data["calibration"] = _build(
+        CalibrationConfig, data.get("calibration"), "calibration", CALIBRATION_DEFAULTS
+    )
     data["evaluation"] = _evaluation(data.get("evaluation"))
     for key in ("name", "model"):
         if not isinstance(data.get(key), str) or not data[key]:

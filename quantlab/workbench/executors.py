@@ -32,6 +32,11 @@ def silent(_message: str) -> None:
     """A log that says nothing."""
 
 
+def never(_variant) -> bool:
+    """No variant is stored yet (the default of `SweepJob.stored`)."""
+    return False
+
+
 @dataclass
 class SweepJob:
     """What every variant of a sweep needs."""
@@ -43,6 +48,7 @@ class SweepJob:
     data_root: object = None
     cache: object = None
     log: Callable[[str], None] = silent
+    stored: Callable[[Variant], bool] = never  # whether a variant's row is in the store now
 
     def shared_inputs(self) -> SharedInputs:
         return SharedInputs(
@@ -111,6 +117,9 @@ class LocalExecutor:
     def run(self, job: SweepJob, todo, done, stage) -> None:
         shared = job.shared_inputs()
         for i, variant in enumerate(todo, 1):
+            if job.stored(variant):  # another run (waited for, or in parallel) stored it
+                job.log(f"{variant.name}: already stored by another run")
+                continue
             stage(i, variant.name, "quantize")
             produced = quantize_variant(job, variant, shared)
             stage(i, variant.name, "evaluate")

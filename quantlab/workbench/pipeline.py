@@ -20,7 +20,6 @@ import contextlib
 import dataclasses
 import hashlib
 import json
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +110,17 @@ def _eval_config(config: RunConfig, data_root, notes: list[str]):
     return dataclasses.replace(e, tasks=tuple(tasks))
 
 
+def add_card_evaluation(target: str, metrics, reference: str | None) -> None:
+    """Put the measured numbers into the model card of the artifact at ``target`` (if any)."""
+    from quantlab.formats import detect
+    from quantlab.formats.card import add_evaluation
+    from quantlab.workbench.produce import evaluation_lines
+
+    found = detect(target)
+    if found is not None:
+        add_evaluation(found[0].card_path(Path(target)), evaluation_lines(metrics, reference))
+
+
 def make_executor(executor: str, *, address: str | None = None, resources=None):
     """The executor named ``executor``: ``local`` or ``ray`` (with its address and resources)."""
     from quantlab.workbench.executors import LocalExecutor
@@ -136,6 +146,7 @@ def run_sweep(
     executor: str = "local",
     address: str | None = None,
     resources=None,
+    wait: bool = False,
 ) -> SweepReport:
     """Run every variant of ``config`` not yet in the store; see the module docstring.
 
@@ -143,15 +154,17 @@ def run_sweep(
     stage, seconds elapsed, estimated seconds left - for front ends such as the app.
     ``executor``: ``local`` (one variant after another in this process) or ``ray`` (each
     variant's quantization and evaluation as Ray tasks on the cluster at ``address``, rows still
-    written here; `quantlab.workbench.ray_executor`), with ``resources`` (a `TaskResources`)."""
-    from tqdm import tqdm
-
+    written here; `quantlab.workbench.ray_executor`), with ``resources`` (a `TaskResources`).
+    The run holds its store's lock for the run's name (`ResultStore.run_lock`): a second sweep of
+    the same run fails at once naming the first, or with ``wait`` waits for it; rows stored by
+    another run meanwhile count as done."""
+    from quantlab.console import progress, say
     from quantlab.fingerprint import content_sha256
     from quantlab.models import resolve_model
     from quantlab.workbench.executors import SweepJob
     from quantlab.workbench.produce import preflight
 
-    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = log or say
     runner = make_executor(executor, address=address, resources=resources)
     start = time.perf_counter()
     model_ref = resolve_model(config.model, cache=cache)
@@ -162,21 +175,28 @@ def run_sweep(
     eval_config = _eval_config(config, data_root, notes)
     for note in notes:
         log(f"note: {note}")
-    job = SweepJob(config, model_ref, eval_config, out_root, data_root, cache, log)
     done, skipped = [], []
-    with ResultStore(store_path or config.store) as store:
+    with (
+        ResultStore(store_path or config.store) as store,
+        store.run_lock(config.name, wait=wait, log=log),
+    ):
+        keys = {v.name: result_key(v, config, model_sha, data_root) for v in config.variants}
+
+        def stored(variant: Variant) -> bool:
+            return store.has(keys[variant.name])
+
+        job = SweepJob(config, model_ref, eval_config, out_root, data_root, cache, log, stored)
         config_json = json.dumps(config.to_dict())
         run_id = store.start_run(config.name, config.model, config_json, config.sha256())
-        keys = {v.name: result_key(v, config, model_sha, data_root) for v in config.variants}
-        todo = [v for v in config.variants if not store.has(keys[v.name])]
+        todo = [v for v in config.variants if not stored(v)]
         skipped = [v.name for v in config.variants if v not in todo]
         if skipped:
             log(f"already in {store.path}: {', '.join(skipped)}")
-        bar = tqdm(total=len(todo), desc=config.name, unit="variant", file=sys.stderr)
+        display = progress(len(todo), config.name)
         sweep_start = time.perf_counter()
 
         def stage(i: int, name: str, what: str) -> None:
-            bar.set_postfix_str(f"{i}/{len(todo)} {name}: {what}")
+            display.stage(i, name, what)
             if progress_file is None:
                 return
             elapsed = time.perf_counter() - sweep_start
@@ -197,6 +217,10 @@ def run_sweep(
 
         def record(outcome) -> None:
             variant, timings = outcome.variant, outcome.timings
+            display.advance()
+            if stored(variant):  # another run stored it while this one worked on it
+                log(f"{variant.name}: stored meanwhile by another run; kept that row")
+                return
             store.record(
                 key=keys[variant.name],
                 run_id=run_id,
@@ -212,17 +236,21 @@ def run_sweep(
                 versions=_versions(),
                 timings=timings,
             )
+            if not variant.is_reference:  # the artifact's card gets the measured numbers
+                add_card_evaluation(outcome.produced.target, outcome.metrics, config.model)
             done.append(variant.name)
             log(
                 f"{variant.name}: quantize {timings['quantize_s']:.1f} s, "
                 f"evaluate {timings['evaluate_s']:.1f} s"
             )
-            bar.update(1)
 
-        runner.run(job, todo, record, stage)
-        bar.close()
+        try:
+            runner.run(job, todo, record, stage)
+        finally:
+            display.close()
         store.finish_run(run_id)
         stage(len(todo) + 1, "", "done")
+        skipped = [v.name for v in config.variants if v.name not in done and stored(v)]
     if not done and not skipped:
         raise QuantlabError("nothing to run")
     return SweepReport(run_id, done, skipped, keys, notes, time.perf_counter() - start)

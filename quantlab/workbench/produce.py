@@ -79,6 +79,11 @@ class SharedInputs:
             )
         return self._imatrix
 
+    @property
+    def drawn(self) -> bool:
+        """Whether the calibration set has been drawn (or provided) already."""
+        return self._calibration is not None
+
     def provide(self, corpus, calibration, imatrix=None) -> None:
         """Use values computed elsewhere (another process: the Ray executor's shared task)."""
         self._calibration = (corpus, calibration)
@@ -137,7 +142,15 @@ def preflight(variants, model_ref) -> None:
 
 
 def produce(variant: Variant, shared: SharedInputs, out: Path, *, progress: bool = True):
-    """Quantize and write ``variant`` at ``out``; see the module docstring."""
+    """Quantize and write ``variant`` at ``out``, with its model card; see the module
+    docstring."""
+    made = _make(variant, shared, out, progress=progress)
+    if not variant.is_reference:
+        write_variant_card(variant, shared, made)
+    return made
+
+
+def _make(variant: Variant, shared: SharedInputs, out: Path, *, progress: bool):
     from quantlab.formats import WriteRequest, get_format
 
     start = time.perf_counter()
@@ -223,3 +236,123 @@ def produce(variant: Variant, shared: SharedInputs, out: Path, *, progress: bool
     summary = f"{variant.method} {variant.config}: {took}"
     label = fmt.label(variant.options)
     return Produced(str(path), label, time.perf_counter() - start, summary, fmt.notes(path))
+
+
+def _base_model(model_ref) -> tuple[str, str]:
+    """The source's name for a card's ``base_model`` and a note on its weights, if any."""
+    import json
+
+    provenance = Path(model_ref.path) / "quantlab_provenance.json"
+    if provenance.is_file():
+        data = json.loads(provenance.read_text())
+        return data.get("original_model", model_ref.spec), data.get("weights_note", "")
+    return model_ref.spec, ""
+
+
+def write_variant_card(variant: Variant, shared: SharedInputs, made: Produced) -> Path | None:
+    """The model card of a made artifact (`quantlab.formats.card`): front matter for the Hub,
+    what it is, how it was made, how to run it."""
+    import dataclasses as dc
+
+    from quantlab.formats import detect
+    from quantlab.formats.card import write_card
+    from quantlab.version import __version__
+
+    found = detect(made.target)
+    if found is None:
+        return None
+    fmt, options = found
+    path = Path(made.target)
+    base, weights_note = _base_model(shared.model_ref)
+    config = {} if variant.config is None else dc.asdict(variant.config)
+    config.pop("version", None)
+    calibration = None
+    if variant.needs_calibration and shared.drawn:
+        calibration = shared.calibration()[1].provenance()
+    bits = config.get("bits")
+    kind = variant.method or dc.asdict(variant.options).get("gguf_type") or made.format
+    quantization = {
+        "method": variant.method or fmt.name,
+        "implementation": variant.impl,
+        "config": config or dc.asdict(variant.options),
+        "format": made.format,
+        "importance_matrix": variant.imatrix,
+        "calibration": calibration,
+        "quantized_by": f"quantlab {__version__}",
+    }
+    tags = ["quantlab", "quantized", made.format, *([variant.method] if variant.method else [])]
+    if bits:
+        tags.append(f"{bits}-bit")
+    meta = {"base_model": base, "pipeline_tag": "text-generation", "tags": tags}
+    if fmt.runtime == "transformers":
+        meta["library_name"] = "transformers"
+    else:
+        tags.append(fmt.runtime)
+    meta["quantization"] = quantization
+    about = [
+        f"{kind} quantization of `{base}`, written as {made.format} by quantlab {__version__}."
+    ]
+    if weights_note:
+        about += ["", f"Note on the source: {weights_note}."]
+    details = [("source", f"`{shared.model_ref.spec}` ({shared.model_ref.path})")]
+    if variant.method:
+        details.append(("method", f"{variant.method} ({variant.impl}), {config}"))
+    details.append(("format", f"{made.format} ({fmt.description})"))
+    if calibration:
+        details.append(
+            (
+                "calibration",
+                f"{calibration['corpus']}, {calibration['n_samples']} x {calibration['seq_len']} "
+                f"tokens, seed {calibration['seed']}, sha256 `{calibration['sha256']}`",
+            )
+        )
+    details.append(("made", made.summary))
+    details += [("note", note) for note in made.notes]
+    return write_card(
+        fmt.card_path(path),
+        title=path.name,
+        meta=meta,
+        about=about,
+        details=details,
+        how_to_run=fmt.run_snippet.format(path=path),
+    )
+
+
+def evaluation_lines(metrics, reference: str | None) -> list[str]:
+    """A card's evaluation section: the numbers of quantlab's harness and how each was
+    measured."""
+    lines = ["Measured by quantlab's evaluation harness, the same way for every artifact:", ""]
+    for p in metrics.perplexity:
+        lines.append(
+            f"- perplexity {p.ppl:.4f} on {p.corpus} ({p.protocol} protocol, context {p.context}, "
+            f"{p.scored_tokens:,} tokens scored)"
+        )
+    if metrics.kld is not None:
+        k = metrics.kld
+        lines.append(
+            f"- KL divergence from `{reference or k.reference}`: mean {k.mean:.5f}, p99 "
+            f"{k.p99:.4f}; top-1 agreement {100 * k.top1_agreement:.1f}% ({k.scored_tokens:,} "
+            "tokens, full vocabulary)"
+        )
+    for t in metrics.tasks:
+        lines.append(f"- {t.task} {t.metric} {t.value:.4f} ({t.samples} documents, lm-eval)")
+    if metrics.size is not None:
+        s = metrics.size
+        linear = (
+            ""
+            if s.linear_bits_per_weight is None
+            else (f", {s.linear_bits_per_weight:.2f} in the quantized linears")
+        )
+        lines.append(
+            f"- size {s.bytes_on_disk / 2**20:.1f} MiB, {s.bits_per_weight:.2f} bits/weight{linear}"
+        )
+    if metrics.speed is not None:
+        sp = metrics.speed
+        lines.append(
+            f"- decode {sp.decode_tokens_per_s:.1f} tokens/s, prefill "
+            f"{sp.prefill_tokens_per_s:.1f} tokens/s ({sp.runtime}, {sp.threads} threads)"
+        )
+    if metrics.hardware is not None:
+        hw = metrics.hardware
+        lines += ["", f"Hardware: {hw.cpu}, {hw.cores} cores, {hw.gpu or 'no GPU'}."]
+    return lines

@@ -32,6 +32,7 @@ from quantlab.errors import QuantlabError
 from quantlab.workbench.executors import (
     VariantDone,
     evaluate_variant,
+    never,
     quantize_variant,
     silent,
     timings,
@@ -140,7 +141,8 @@ class RayExecutor:
         """Run ``todo`` on Ray; ``done(VariantDone)`` is called here, in the driver, as each
         variant's evaluation returns."""
         ray = connect(self.address)
-        job = dataclasses.replace(job, log=silent)  # what the tasks get: nothing of the driver's
+        # what the tasks get: nothing of the driver's (its log, its store)
+        job = dataclasses.replace(job, log=silent, stored=never)
         resources = self.resources
         model_ref = job.model_ref
         weights = sum(f.stat().st_size for f in model_ref.folder.weight_files)

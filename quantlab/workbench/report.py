@@ -21,6 +21,7 @@ MIB = 2**20
 
 
 def row_values(row) -> dict:
+    """A stored row's numbers by name (what the table, the plots and the app show)."""
     m = row.metrics
     ppl = m.perplexity[0] if m.perplexity else None
     values = {
@@ -28,6 +29,7 @@ def row_values(row) -> dict:
         "format": row.format,
         "size_mib": m.size.bytes_on_disk / MIB if m.size else None,
         "bpw": m.size.bits_per_weight if m.size else None,
+        "linear_bpw": m.size.linear_bits_per_weight if m.size else None,
         "ppl": ppl.ppl if ppl else None,
         "kld": m.kld.mean if m.kld else None,
         "top1": m.kld.top1_agreement if m.kld else None,
@@ -37,6 +39,7 @@ def row_values(row) -> dict:
         "quantize_s": row.timings.get("quantize_s"),
         "evaluate_s": row.timings.get("evaluate_s"),
         "runtime": m.runtime,
+        "speed_runtime": m.speed.runtime if m.speed else None,
     }
     values["stderr"] = {}
     for t in m.tasks:
@@ -88,12 +91,14 @@ def results_table(rows) -> tuple[list[str], list[list[str]]]:
         "variant",
         "format",
         "MiB",
-        "bits/w",
+        "bits/w linears",
+        "bits/w file",
         "ppl",
         "KLD",
         "top-1",
         "decode tok/s",
         "prefill tok/s",
+        "speed runtime",
         "peak RSS MiB",
         *[t[5:] for t in tasks],
         "quantize s",
@@ -106,12 +111,14 @@ def results_table(rows) -> tuple[list[str], list[list[str]]]:
                 v["variant"],
                 v["format"],
                 _fmt(v["size_mib"], 1),
+                _fmt(v["linear_bpw"]),
                 _fmt(v["bpw"]),
                 _fmt(v["ppl"], 3),
                 _fmt(v["kld"], 4),
                 _fmt(None if v["top1"] is None else 100 * v["top1"], 1),
                 _fmt(v["decode"], 1),
                 _fmt(v["prefill"], 1),
+                v["speed_runtime"] or "-",
                 _fmt(v["rss_mib"], 0),
                 *[_fmt(v.get(t), 3) for t in tasks],
                 _fmt(v["quantize_s"], 1),
@@ -199,18 +206,17 @@ def _plots(values: list[dict], labels: dict, folder: Path, title: str) -> list[t
         ax.grid(alpha=0.3, axis="x")
         save(fig, "kld.png", "Mean KL divergence per variant from the unquantized model.")
     sp = [
-        (v["decode"], v["ppl"], v["variant"], v["runtime"])
+        (v["decode"], v["ppl"], v["variant"], v["speed_runtime"] or v["runtime"] or "?")
         for v in values
         if v["decode"] and v["ppl"]
     ]
     if sp:
         fig, ax = plt.subplots(figsize=(8, 5))
-        for runtime, color in (("transformers", "tab:blue"), ("llama.cpp", "tab:green")):
+        for i, runtime in enumerate(sorted({p[3] for p in sp})):
             sel = [p for p in sp if p[3] == runtime]
-            if sel:
-                ax.scatter(
-                    [p[0] for p in sel], [p[1] for p in sel], color=color, label=runtime, zorder=3
-                )
+            ax.scatter(
+                [p[0] for p in sel], [p[1] for p in sel], color=f"C{i}", label=runtime, zorder=3
+            )
         for x, y, name, _ in sp:
             ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(f"decode tokens/s ({labels.get('speed', '')})", fontsize=7)
@@ -284,7 +290,13 @@ def write_report(rows, folder: str | Path, *, title: str, notes: list[str] = ())
         md += ["## How each column was measured", ""]
         md += [f"- **{k}**: {v}" for k, v in labels.items()]
         md += [
-            "- **MiB / bits/w**: bytes on disk of the artifact; bits per stored weight",
+            "- **MiB**: bytes on disk of the artifact",
+            "- **bits/w linears**: bits per weight of the quantized linears (codes, scales, zero "
+            "points, indices); **bits/w file**: of every tensor in the file (embeddings, head and "
+            "norms included)",
+            "- **speed runtime**: what ran the decode: llama.cpp, transformers, or transformers "
+            "with quantlab's reference dequantization (every weight dequantized at every "
+            "forward: the numbers are correct, the speed is not a quantized runtime's)",
             "- **peak RSS**: the evaluating process's peak resident memory",
             "- **quantize s / eval s**: wall time of producing the artifact / of its evaluation",
             "",

@@ -14,6 +14,7 @@ hardware, library versions, stage timings).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import time
@@ -100,6 +101,39 @@ class ResultStore:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def run_lock(self, name: str, *, wait: bool = False, log=None):
+        """Hold the lock of run ``name`` on this store for the block: a second ``quantlab run``
+        of the same run and store stops with one line naming the process that holds it, or with
+        ``wait`` waits for it (then finds that run's rows already stored). The lock is an
+        ``flock`` on ``<store>.<run>.lock``: the kernel releases it when the holder dies."""
+        import fcntl
+        import os
+
+        path = self.path.with_name(f"{self.path.name}.{name}.lock")
+        fh = open(path, "a+")  # noqa: SIM115 (closed below)
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                holder = fh.read().strip() or "another process"
+                if not wait:
+                    raise QuantlabError(
+                        f"run {name} is already running on {self.path} ({holder}); wait for it "
+                        "to finish, or pass --wait"
+                    ) from None
+                if log is not None:
+                    log(f"waiting for run {name} on {self.path} ({holder}) to finish ...")
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+            fh.flush()
+            yield
+        finally:
+            fh.close()  # releases the lock
 
     def start_run(self, name: str, model: str, config_json: str, config_sha256: str) -> int:
         with self.db:
