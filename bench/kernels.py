@@ -20,6 +20,7 @@ launch overhead, which a graph-captured decode loop does not pay, is not counted
 on every shape at batches 1, 4 and 16 and prints the best per shape and batch.
 
     python bench/kernels.py [--iters 100] [--sweep] [--json results/bench-kernels.json]
+    python bench/kernels.py --cpu   # the CPU runtime instead (bench/kernels_cpu.py), no GPU needed
 """
 
 from __future__ import annotations
@@ -171,6 +172,11 @@ def device_limits() -> tuple[float, float]:
 
 
 def main() -> int:
+    if "--cpu" in sys.argv[1:]:  # the CPU runtime of quantized checkpoints: bench/kernels_cpu.py
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from kernels_cpu import main as cpu_main
+
+        return cpu_main([a for a in sys.argv[1:] if a != "--cpu"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--iters", type=int, default=100)
     p.add_argument("--sweep", action="store_true", help="time the fused matmul's tile choices")

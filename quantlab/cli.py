@@ -203,6 +203,7 @@ def cmd_eval(args) -> None:
         speed=args.speed,
         dtype=args.dtype,
         gguf_runtime=args.gguf_runtime,
+        kernels=not args.no_kernels,
         allow_fallback=args.allow_fallback,
     )
     from quantlab import settings
@@ -673,6 +674,12 @@ def build_parser() -> argparse.ArgumentParser:
         default="llama.cpp",
         choices=["llama.cpp", "torch"],
         help="run a .gguf in llama.cpp, or dequantized into transformers (weight quality only)",
+    )
+    p.add_argument(
+        "--no-kernels",
+        action="store_true",
+        help="measure the speed of quantized linears through the torch reference "
+        "dequantization, not the fastest kernels (quality is always the exact weights')",
     )
     p.add_argument(
         "--allow-fallback",

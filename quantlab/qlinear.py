@@ -6,10 +6,15 @@ dequantization of `quantlab.primitives`, so a loaded checkpoint gives exactly th
 weights applied in memory. That path runs everywhere and is what the kernels are tested against.
 
 `use_kernel` (or `use_kernels(model)` for every such layer) switches a layer to the kernels of
-`quantlab.kernels`: the weight is packed once into the GPTQ layout (2/4/8 bits; or the AWQ layout
-for 4-bit consecutive groups), the byte-per-code buffers are dropped, and `forward` calls the
-fused matmul where a kernel serves the batch, else a dequantization kernel and a dense matmul.
-The backend is picked by `quantlab.kernels.select` (CUDA > Triton > torch) or forced.
+`quantlab.kernels`, packing the weight once and dropping the byte-per-code buffers:
+- on a CPU, PyTorch's own int4 / int8 CPU kernels (the ``cpu`` backend, layouts ``int4pack`` /
+  ``int8pack``) wherever they represent the weight exactly (`quantlab.kernels.cpu.refusal`);
+- otherwise the GPTQ layout (2/4/8 bits; or the AWQ layout for 4-bit consecutive groups), with
+  `forward` calling the fused matmul where a kernel serves the batch, else a dequantization
+  kernel and a dense matmul. The backend is picked by `quantlab.kernels.select` (CUDA > Triton >
+  cpu > torch) or forced.
+`use_fast_kernels(model)` switches only the layers a real kernel runs on their device (what the
+evaluation harness does), leaving the rest on the reference path.
 """
 
 from __future__ import annotations
@@ -35,15 +40,37 @@ class QuantLinear(nn.Module):
 
     kernel: dict | None = None  # set by use_kernel: backend, layout, fused
 
-    def use_kernel(self, backend: str = "auto", layout: str = "gptq", fused: bool = True) -> None:
-        """Pack the weight into ``layout`` ("gptq" or "awq") and run `forward` through the kernels
-        of ``backend`` ("auto", "cuda", "triton" or "torch")."""
+    def cpu_refusal(self) -> str | None:
+        """Why PyTorch's CPU kernels cannot run this layer exactly (``None``: they can)."""
+        from quantlab.kernels import cpu
+
+        return cpu.refusal(self.quantized_weight())
+
+    def use_kernel(self, backend: str = "auto", layout: str = "auto", fused: bool = True) -> None:
+        """Pack the weight into ``layout`` and run `forward` through the kernels of ``backend``
+        ("auto", "cuda", "triton", "cpu" or "torch"). ``layout`` "auto": PyTorch's CPU layout
+        (int4pack / int8pack) when the layer is on a CPU, ``backend`` is "auto" or "cpu" and the
+        layout holds the weight exactly, else "gptq"; or "gptq" / "awq" explicitly."""
         from quantlab.errors import ConfigError
         from quantlab.formats.layouts import pack_awq, pack_gptq
+        from quantlab.kernels import cpu
 
         if self.kernel is not None:
             raise ConfigError("this layer already runs through a kernel")
         qw = self.quantized_weight()
+        on_cpu = self.qweight.device.type == "cpu"
+        if layout == "auto" and backend in ("auto", "cpu") and on_cpu:
+            why = cpu.refusal(qw)
+            if why is None:
+                kind, packed = cpu.pack(qw)
+                self._swap_buffers(packed, qw.qweight.device)
+                self.kernel = {"backend": "cpu", "layout": kind, "fused": True}
+                return
+            if backend == "cpu":
+                raise ConfigError(why)
+        if backend == "cpu":
+            raise ConfigError("the cpu backend runs PyTorch's CPU layouts (layout auto, on a CPU)")
+        layout = "gptq" if layout == "auto" else layout
         if 32 % self.bits:
             raise ConfigError(f"kernels need 2, 4 or 8 bits; this layer has {self.bits}")
         if layout == "gptq":
@@ -51,18 +78,29 @@ class QuantLinear(nn.Module):
         elif layout == "awq":
             packed = pack_awq("layer", qw)
         else:
-            raise ConfigError(f"kernel layout must be gptq or awq, got {layout!r}")
+            raise ConfigError(f"kernel layout must be auto, gptq or awq, got {layout!r}")
+        self._swap_buffers(packed, qw.qweight.device)
+        self.kernel = {"backend": backend, "layout": layout, "fused": fused}
+
+    def _swap_buffers(self, packed: dict[str, torch.Tensor], device) -> None:
         for name in ("qweight", "scales", "zeros", "g_idx"):
             delattr(self, name)
         for name, tensor in packed.items():
-            self.register_buffer(name, tensor.to(qw.qweight.device))
-        self.kernel = {"backend": backend, "layout": layout, "fused": fused}
+            self.register_buffer(name, tensor.to(device))
 
     def _kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from quantlab.kernels import ops
 
         k = self.kernel
-        if k["layout"] == "awq":
+        if k["layout"] in ("int4pack", "int8pack"):
+            rows = x.reshape(-1, x.shape[-1])
+            if k["layout"] == "int4pack":
+                group = self.in_features // self.scales_zeros.shape[0]
+                y = self._cpu_op(rows, self.packed, self.scales_zeros, self.perm, group)
+            else:
+                y = self._cpu_op(rows, self.weight_int8, self.scales)
+            y = y.view(*x.shape[:-1], -1)
+        elif k["layout"] == "awq":
             w = ops.dequant_awq(
                 self.qweight, self.qzeros, self.scales, self.group_size, x.dtype, k["backend"]
             )
@@ -86,14 +124,20 @@ class QuantLinear(nn.Module):
             self.weight_dtype,
         )
 
+    @property
+    def _cpu_op(self):
+        """The CPU op of this layer's layout (the forced backend's, else the best)."""
+        from quantlab.kernels import select
+
+        k = self.kernel
+        return select(f"matmul_{k['layout']}", device="cpu", backend=k["backend"]).load()
+
     def _unpacked(self) -> QuantizedWeight:
         from quantlab.formats.layouts import unpack_awq, unpack_gptq
+        from quantlab.kernels import cpu
 
-        tensors = {
-            n: getattr(self, n)
-            for n in ("qweight", "qzeros", "scales", "g_idx")
-            if hasattr(self, n)
-        }
+        names = ("qweight", "qzeros", "scales", "g_idx", "packed", "scales_zeros", "perm")
+        tensors = {n: getattr(self, n) for n in (*names, "weight_int8") if hasattr(self, n)}
         shape = (self.out_features, self.in_features)
         kw = {
             "bits": self.bits,
@@ -101,6 +145,8 @@ class QuantLinear(nn.Module):
             "sym": self.sym,
             "dtype": self.weight_dtype,
         }
+        if self.kernel["layout"] in ("int4pack", "int8pack"):
+            return cpu.unpack(self.kernel["layout"], tensors, shape, **kw)
         if self.kernel["layout"] == "awq":
             return unpack_awq(
                 "layer", tensors, *shape, group_size=self.group_size, dtype=kw["dtype"]
@@ -122,9 +168,36 @@ class QuantLinear(nn.Module):
         )
 
 
-def use_kernels(model: nn.Module, backend: str = "auto", layout: str = "gptq", fused=True) -> int:
+def use_kernels(model: nn.Module, backend: str = "auto", layout: str = "auto", fused=True) -> int:
     """`QuantLinear.use_kernel` on every quantized layer of ``model``; returns how many."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
     for layer in layers:
         layer.use_kernel(backend, layout, fused)
     return len(layers)
+
+
+def use_fast_kernels(model: nn.Module) -> dict[str, int]:
+    """Run each quantized layer of ``model`` through a real kernel where one serves it on its
+    device - PyTorch's CPU kernels on a CPU (where exact), quantlab's CUDA/Triton kernels on a
+    GPU - and leave the others on the reference path. Returns how many layers run where
+    (``{"cpu": 210, "reference": 0}``)."""
+    from quantlab.errors import ConfigError
+    from quantlab.kernels import select
+
+    counts: dict[str, int] = {}
+    for layer in (m for m in model.modules() if isinstance(m, QuantLinear)):
+        if layer.kernel is None:
+            device = layer.qweight.device.type
+            if device == "cpu":
+                if layer.cpu_refusal() is None:
+                    layer.use_kernel("cpu")
+            elif 32 % layer.bits == 0:
+                try:
+                    best = select("dequant_gptq", device=device, bits=layer.bits).backend
+                except ConfigError:
+                    best = "torch"
+                if best != "torch":  # the torch "kernel" is the reference path, repacked
+                    layer.use_kernel()
+        where = layer.kernel["backend"] if layer.kernel else "reference"
+        counts[where] = counts.get(where, 0) + 1
+    return counts

@@ -22,7 +22,10 @@ def test_gptq_checkpoint_perplexity_equals_in_memory_weights(default_model, data
     config = RTNConfig(bits=4, group_size=128, sym=True)
     result = quantize_model(model, default_model.folder.arch, "rtn", config, None, progress=False)
     native = write_native(result, default_model, tmp_path / "native")
-    ckpt = write_artifact("gptq", tmp_path / "gptq", default_model, result=result, model=model)
+    # keep_dtype: the embedding and norms in the source's fp32, as the native artifact has them
+    ckpt = write_artifact(
+        "gptq", tmp_path / "gptq", default_model, result=result, model=model, keep_dtype=True
+    )
     manifest = json.loads((ckpt / "quantlab_manifest.json").read_text())
     assert any("not multiples of group size 128" in note for note in manifest["notes"])
     ppl = PerplexityConfig(corpus="wikitext2", split="test", max_tokens=4096)

@@ -171,7 +171,20 @@ def test_lossless_gguf_of_a_gptq_result_computes_the_same_function(
     base = ["quantize", "smollm2-135m", "--method", "gptq", "--bits", "4", "--group-size", "32"]
     assert main([*base, "--sym", *calib, "--format", "native", "--out", str(tmp_path / "n")]) == 0
     assert (
-        main([*base, "--sym", *calib, "--format", "gguf", "--out", str(tmp_path / "q.gguf")]) == 0
+        # --keep-dtype: the unquantized tensors in F32, as the native artifact has them
+        main(
+            [
+                *base,
+                "--sym",
+                *calib,
+                "--format",
+                "gguf",
+                "--keep-dtype",
+                "--out",
+                str(tmp_path / "q.gguf"),
+            ]
+        )
+        == 0  # fmt: skip
     )
     native = read_native(tmp_path / "n")
     tensors = {t.name: t for t in open_gguf(tmp_path / "q.gguf").tensors}

@@ -108,6 +108,23 @@ def _kernel_case(spec, seed: int):
         return (raw.to(DEVICE), layout, torch.float32), expected, True
     bits = spec.bits[seed % len(spec.bits)]
     sym = bool(seed & 1)
+    if spec.op in ("matmul_int4pack", "matmul_int8pack"):  # PyTorch's CPU layouts
+        from quantlab.kernels import cpu
+
+        # int8: one symmetric group per row; int4: groups of 32, act-order on odd seeds
+        qw = quantize_rtn(torch.randn(64, 128, generator=g), bits, -1 if bits == 8 else 32, True)
+        if bits == 4 and seed & 1:
+            perm = torch.randperm(128, generator=g)
+            qw = QuantizedWeight(
+                qw.qweight[:, perm], qw.scales, qw.zeros, qw.g_idx[perm].contiguous(), 4, 32, True
+            )
+        kind, t = cpu.pack(qw)
+        x = torch.randn(3, 128, generator=g)
+        if kind == "int8pack":
+            args = (x, t["weight_int8"], t["scales"])
+        else:
+            args = (x, t["packed"], t["scales_zeros"], t["perm"], cpu.group_of(t, 128))
+        return args, x @ dequantize(qw).T, False
     qw = quantize_rtn(torch.randn(64, 128, generator=g), bits, 32, sym)
     weight = dequantize(qw).T  # (K, N), float32
     if spec.op == "dequant_awq":

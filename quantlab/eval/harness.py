@@ -45,7 +45,8 @@ from quantlab.eval.perplexity import PerplexityConfig, PerplexityResult, make_wi
 from quantlab.fingerprint import content_sha256
 from quantlab.version import __version__
 
-METRICS_VERSION = 1
+# 2: quantized checkpoints' speed through the fastest kernels by default (EvalConfig.kernels)
+METRICS_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,11 @@ class EvalConfig:
     speed_runs: int = 3
     dtype: str = "float32"  # for transformers models
     gguf_runtime: str = "llama.cpp"  # or "torch": a .gguf dequantized by gguf into transformers
+    # speed of quantized checkpoints through the fastest kernels on the device, as deployed (the
+    # CPU: PyTorch's int4/int8 kernels, bf16 activations; a GPU: quantlab's); False: through the
+    # reference dequantization. Quality (perplexity, KLD, tasks) is always measured on the
+    # checkpoint's exact weights in the evaluation dtype (`HFRunner.use_fast_runtime`)
+    kernels: bool = True
     allow_fallback: bool = False  # unavailable corpora become the embedded pydoc corpus
     version: int = 1
 
@@ -141,11 +147,13 @@ def open_runner(
     dtype: str = "float32",
     cache=None,
     gguf_runtime: str = "llama.cpp",
+    kernels: bool = False,
 ):
     """A `LogitsRunner` for ``target`` and the path to measure: an artifact of any registered
     format (in its own runtime - llama.cpp for a ``.gguf`` - or, with ``gguf_runtime="torch"``,
     dequantized into transformers, for weight-quality numbers on the same arithmetic as every
-    other target) or any model spec (transformers)."""
+    other target) or any model spec (transformers). ``kernels``: quantized linears through the
+    fastest kernels on the device (`HFRunner.use_fast_runtime`; its ``runtime`` says which)."""
     from quantlab.eval.runners import HFRunner, LlamaCppRunner
     from quantlab.formats import detect
     from quantlab.models import load_model, load_tokenizer, resolve_model
@@ -157,7 +165,10 @@ def open_runner(
             fmt.check(Path(target), fmt.runtime)  # a corrupt or alien file fails here
             return LlamaCppRunner(target, n_ctx=n_ctx), Path(target)
         hf_model, _ = fmt.load(Path(target), dtype=dtype, cache=cache)
-        return HFRunner(hf_model, fmt.tokenizer(Path(target), cache), target), Path(target)
+        runner = HFRunner(hf_model, fmt.tokenizer(Path(target), cache), target)
+        if kernels:
+            runner.use_fast_runtime()
+        return runner, Path(target)
     model = resolve_model(target, cache=cache)
     runner = HFRunner(load_model(model, dtype=dtype), load_tokenizer(model), target)
     return runner, model.path
@@ -229,7 +240,11 @@ def evaluate(
     start = time.perf_counter()
     with peak_memory() as memory:
         runner, path = open_runner(
-            target, n_ctx=n_ctx, dtype=config.dtype, cache=cache, gguf_runtime=config.gguf_runtime
+            target,
+            n_ctx=n_ctx,
+            dtype=config.dtype,
+            cache=cache,
+            gguf_runtime=config.gguf_runtime,
         )
         stages["load"] = time.perf_counter() - start
         metrics = Metrics(target, runner.runtime, content_sha256(path), reference=reference)
@@ -287,6 +302,8 @@ def evaluate(
                 stages["tasks"] = time.perf_counter() - t0
             if config.speed:
                 t0 = time.perf_counter()
+                if config.kernels and hasattr(runner, "use_fast_runtime"):
+                    runner.use_fast_runtime()  # the last stage: the model may change dtype
                 rng = np.random.default_rng(0)
                 prompt = rng.integers(
                     100, min(runner.vocab_size, 30000), config.speed_prompt_tokens

@@ -56,6 +56,8 @@ class HFTokenizer:
 
 def runtime_of(model) -> str:
     """What runs ``model``'s linears (see `HFRunner`)."""
+    import torch
+
     from quantlab.qlinear import QuantLinear
 
     layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
@@ -64,14 +66,20 @@ def runtime_of(model) -> str:
     backends = sorted({m.kernel["backend"] for m in layers if m.kernel is not None})
     if not backends:
         return "transformers+reference dequant"
-    return f"transformers+{'/'.join(backends)} kernels"
+    label = f"transformers+{'/'.join(backends)} kernels"
+    dtype = next(model.parameters()).dtype
+    if dtype != torch.float32:
+        label += f", {str(dtype).split('.')[-1]}"
+    rest = sum(m.kernel is None for m in layers)
+    return label if not rest else f"{label} ({rest} of {len(layers)} linears: reference dequant)"
 
 
 class HFRunner(HFTokenizer):
     """A transformers causal LM on CPU or GPU. ``runtime`` says how its quantized linears run:
     ``transformers`` (none), ``transformers+reference dequant`` (quantlab's `QuantLinear`
     dequantizing every weight at every forward: correct everywhere, not fast) or
-    ``transformers+<backend> kernels``."""
+    ``transformers+<backend> kernels`` (``cpu``: PyTorch's int4/int8 CPU kernels), naming how
+    many linears stayed on the reference path when some did."""
 
     def __init__(self, model, tokenizer, name: str):
         super().__init__(tokenizer, name)
@@ -81,6 +89,23 @@ class HFRunner(HFTokenizer):
     @property
     def runtime(self) -> str:
         return runtime_of(self.model)
+
+    def use_fast_runtime(self) -> bool:
+        """Run the quantized linears through the fastest kernels on this device, as a user would
+        deploy them (`quantlab.qlinear.use_fast_kernels`). PyTorch's CPU int4/int8 kernels are
+        fast only with bfloat16 activations (their float32 path is scalar), so a float32 model
+        whose linears they run is cast to bfloat16. Returns whether anything changed; the
+        ``runtime`` then says what runs (e.g. ``transformers+cpu kernels, bfloat16``)."""
+        import torch
+
+        from quantlab.qlinear import use_fast_kernels
+
+        counts = use_fast_kernels(self.model)
+        if not set(counts) - {"reference"}:
+            return False
+        if counts.get("cpu") and next(self.model.parameters()).dtype == torch.float32:
+            self.model.to(torch.bfloat16)
+        return True
 
     @property
     def device(self):

@@ -10,7 +10,9 @@ them) are in `quantlab.kernels.ops`; the arithmetic every kernel must reproduce 
 `quantlab.kernels.reference`.
 
 Ops: ``dequant_gptq`` / ``dequant_awq`` (packed int -> (K, N) float), ``matmul_gptq`` (``x @ W``
-with ``W`` dequantized on the fly), ``dequant_gguf`` (Q8_0 / Q4_0 / Q4_K blocks -> float).
+with ``W`` dequantized on the fly), ``dequant_gguf`` (Q8_0 / Q4_0 / Q4_K blocks -> float),
+``matmul_int4pack`` / ``matmul_int8pack`` (``x @ W.T`` in PyTorch's own CPU packed layouts, run by
+its CPU kernels: the ``cpu`` backend, `quantlab.kernels.cpu`).
 """
 
 from __future__ import annotations
@@ -23,8 +25,15 @@ from dataclasses import dataclass
 
 from quantlab.errors import ConfigError
 
-BACKENDS = ("cuda", "triton", "torch")  # preference order
-OPS = ("dequant_gptq", "dequant_awq", "matmul_gptq", "dequant_gguf")
+BACKENDS = ("cuda", "triton", "cpu", "torch")  # preference order
+OPS = (
+    "dequant_gptq",
+    "dequant_awq",
+    "matmul_gptq",
+    "dequant_gguf",
+    "matmul_int4pack",
+    "matmul_int8pack",
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,10 @@ class KernelSpec:
                 return (
                     f"{self.name} runs on the CPU only in Triton's interpreter (TRITON_INTERPRET=1)"
                 )
+        if self.backend == "cpu":
+            from quantlab.kernels.cpu import available
+
+            return available()
         if self.backend == "cuda":
             if shutil.which("nvcc") is None and not _cuda_home():
                 return f"{self.name} is compiled at first use and needs nvcc (CUDA toolkit)"
@@ -153,3 +166,9 @@ register_kernel(
         1,
     )
 )
+for _op, _bits, _layout in (("matmul_int4pack", 4, "int4pack"), ("matmul_int8pack", 8, "int8pack")):
+    # PyTorch's CPU layouts: the reference unpacks them on the CPU
+    register_kernel(KernelSpec(_op, "torch", f"{_R}:{_op}", (_bits,), (_layout,), ("cpu",)))
+    register_kernel(
+        KernelSpec(_op, "cpu", f"quantlab.kernels.cpu:{_op}", (_bits,), (_layout,), ("cpu",))
+    )

@@ -100,3 +100,29 @@ def dequant_gguf(raw: torch.Tensor, gguf_type: str, dtype=torch.float16) -> torc
         q = torch.stack([qs & 0xF, qs >> 4], dim=2).view(-1, 8, 32).float()  # sub-block i
         out = (d * sc.float())[:, :, None] * q - (dmin * m.float())[:, :, None]
     return out.reshape(-1).to(dtype)
+
+
+# -- PyTorch's CPU packed layouts (`quantlab.kernels.cpu`) ----------------------------------------
+# **int4pack**: ``packed`` uint8 ``(N, K / 2)`` in PyTorch's blocked layout (made by
+# ``aten._convert_weight_to_int4pack_for_cpu``; `quantlab.kernels.cpu.unpack_codes` reads it);
+# ``scales_zeros`` ``(K / group, N, 2)``: weight ``(code - 8) * scale + zero`` per block of
+# ``group`` input columns; ``perm`` int32 ``(K,)`` or empty: the kernel's input column ``i`` is the
+# layer's column ``perm[i]`` (act-order groups made contiguous). **int8pack**: ``weight_int8``
+# ``(N, K)``, ``scales`` ``(N,)``: weight ``code * scale``.
+
+
+def matmul_int4pack(x, packed, scales_zeros, perm, group: int) -> torch.Tensor:
+    from quantlab.kernels.cpu import unpack_codes
+
+    n = scales_zeros.shape[1]
+    codes = unpack_codes(packed.cpu(), n, packed.shape[1] * 2).float()  # (N, K)
+    sz = scales_zeros.float().cpu().repeat_interleave(group, dim=0)  # (K, N, 2)
+    weight = (codes.t() - 8.0) * sz[..., 0] + sz[..., 1]  # (K, N)
+    if perm.numel():
+        x = x.index_select(-1, perm.to(x.device))
+    return (x.float() @ weight.to(x.device)).to(x.dtype)
+
+
+def matmul_int8pack(x, weight_int8, scales) -> torch.Tensor:
+    weight = weight_int8.float() * scales.float()[:, None]
+    return (x.float() @ weight.t()).to(x.dtype)

@@ -294,9 +294,11 @@ def write_report(rows, folder: str | Path, *, title: str, notes: list[str] = ())
             "- **bits/w linears**: bits per weight of the quantized linears (codes, scales, zero "
             "points, indices); **bits/w file**: of every tensor in the file (embeddings, head and "
             "norms included)",
-            "- **speed runtime**: what ran the decode: llama.cpp, transformers, or transformers "
-            "with quantlab's reference dequantization (every weight dequantized at every "
-            "forward: the numbers are correct, the speed is not a quantized runtime's)",
+            "- **speed runtime**: what ran the decode: llama.cpp, transformers, transformers "
+            "with kernels for the quantized linears (`cpu`: PyTorch's int4/int8 CPU kernels, "
+            "with bf16 activations; quality columns are always measured on the exact weights), "
+            "or transformers with quantlab's reference dequantization (every weight "
+            "dequantized at every forward: correct, but not a quantized runtime's speed)",
             "- **peak RSS**: the evaluating process's peak resident memory",
             "- **quantize s / eval s**: wall time of producing the artifact / of its evaluation",
             "",
