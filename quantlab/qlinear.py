@@ -62,9 +62,13 @@ class QuantLinear(nn.Module):
         if layout == "auto" and backend in ("auto", "cpu") and on_cpu:
             why = cpu.refusal(qw)
             if why is None:
+                from quantlab.kernels import select
+
                 kind, packed = cpu.pack(qw)
                 self._swap_buffers(packed, qw.qweight.device)
                 self.kernel = {"backend": "cpu", "layout": kind, "fused": True}
+                # looked up once here, not at every forward
+                self._cpu_op = select(f"matmul_{kind}", device="cpu", backend="cpu").load()
                 return
             if backend == "cpu":
                 raise ConfigError(why)
@@ -123,14 +127,6 @@ class QuantLinear(nn.Module):
             self.sym,
             self.weight_dtype,
         )
-
-    @property
-    def _cpu_op(self):
-        """The CPU op of this layer's layout (the forced backend's, else the best)."""
-        from quantlab.kernels import select
-
-        k = self.kernel
-        return select(f"matmul_{k['layout']}", device="cpu", backend=k["backend"]).load()
 
     def _unpacked(self) -> QuantizedWeight:
         from quantlab.formats.layouts import unpack_awq, unpack_gptq
