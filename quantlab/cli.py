@@ -552,6 +552,195 @@ def cmd_plan(args) -> None:
     else:
         best = max(fitting, key=lambda r: r.weights)
         print(f"\nno measurements for this model; most bits that fit: {best.name}")
+    if fitting:
+        print(
+            f"a mixed-precision file that uses all of it: quantlab fit {args.model} --vram "
+            f"{args.vram} --context {args.context} --format gguf (or gptq)"
+        )
+
+
+def cmd_sensitivity(args) -> None:
+    """``quantlab sensitivity MODEL``: measure (or read from the cache) the per-tensor
+    sensitivity on the calibration set and print what it found."""
+    import shutil
+
+    from quantlab import settings
+    from quantlab.console import say, session
+    from quantlab.fit.sensitivity import SensitivityConfig, measure_sensitivity, sensitivity_path
+    from quantlab.workbench.produce import SharedInputs
+
+    cache = settings.cache_dir(args.cache)
+    with session(cache / "logs" / "sensitivity.log", verbose=args.verbose, inner_bars=True):
+        model_ref = _resolve(args)
+        shared = SharedInputs(
+            model_ref, _calibration_config(args), data_root=args.data_root, cache=args.cache,
+            log=say,
+        )  # fmt: skip
+        _, calibration = shared.calibration()
+        try:
+            groups = tuple(int(g) for g in args.group_sizes.split(",") if g)
+        except ValueError:
+            raise QuantlabError(
+                f"--group-sizes: {args.group_sizes!r} is not a list of numbers"
+            ) from None
+        config = SensitivityConfig(
+            families=tuple(f for f in args.families.split(",") if f),
+            group_sizes=groups,
+            tokens=args.tokens,
+            swaps=args.swaps,
+        )
+        sens = measure_sensitivity(
+            model_ref, calibration, shared.imatrix()[0], config, cache=cache, log=say
+        )
+    path = sensitivity_path(cache, sens.model_sha256, calibration.sha256, config)
+    _print_sensitivity(sens, path)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, args.json)
+        print(f"copied to {args.json}")
+
+
+def _print_sensitivity(sens, path) -> None:
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in sens.stage_seconds.items())
+    rho = sens.spearman
+    print(f"{sens.model}: {len(sens.units)} tensors, KLD measured on {sens.tokens} tokens")
+    print(f"  cost: {sens.seconds:.0f} s ({stages})")
+    if rho is not None:
+        print(f"  prediction vs {len(sens.swaps)} measured single-tensor swaps: Spearman {rho:.3f}")
+    by_kind: dict[str, list[float]] = {}
+    for u in sens.units.values():
+        by_kind.setdefault(u.unit.kind, []).append(u.probe_kld)
+    print("  mean KLD of one tensor at the probe (RTN 3-bit g32), by kind:")
+    for kind, values in sorted(by_kind.items(), key=lambda kv: -sum(kv[1]) / len(kv[1])):
+        print(f"    {kind:<12} {sum(values) / len(values):.5f}  ({len(values)} tensors)")
+    top = sorted(sens.units.values(), key=lambda u: -u.probe_kld)[:5]
+    print("  most sensitive: " + ", ".join(f"{u.unit.name} {u.probe_kld:.4f}" for u in top))
+    print(f"  stored: {path}")
+
+
+def _fit_target(args):
+    from quantlab.fit import FitTarget
+
+    return FitTarget(
+        bpw=args.bpw, size=args.size, vram=args.vram, size_of=args.size_of,
+        context=args.context, batch=args.batch, group_size=args.group_size,
+        exclude=tuple(k for k in args.exclude.split(",") if k),
+    )  # fmt: skip
+
+
+def cmd_fit(args) -> None:
+    """``quantlab fit MODEL --format F --bpw|--size|--vram``: the best mix that fits, built,
+    evaluated and stored like any variant (a one-variant run); ``--dry-run`` prints the
+    allocation only."""
+    from quantlab.formats import get_format
+    from quantlab.workbench.config import parse_variant
+
+    fmt = get_format(args.format)
+    if not fmt.fit_family:
+        from quantlab.formats import formats
+
+        can = ", ".join(f.name for f in formats() if f.fit_family)
+        raise QuantlabError(f"format {fmt.name} cannot hold a fit; use one of {can}")
+    target = _fit_target(args)
+    if args.dry_run:
+        _fit_dry_run(args, fmt, target)
+        return
+    variant = parse_variant(
+        {"fit": {k: v for k, v in vars(target).items() if k != "version"}, "format": fmt.name}
+    )
+    from quantlab.console import session
+    from quantlab.eval.harness import EvalConfig
+    from quantlab.eval.perplexity import PerplexityConfig
+    from quantlab.fit.build import fit_record
+    from quantlab.workbench.config import RunConfig
+    from quantlab.workbench.pipeline import run_sweep
+    from quantlab.workbench.store import ResultStore
+
+    config = RunConfig(
+        name=args.name,
+        model=args.model,
+        variants=(variant,),
+        calibration=_calibration_config(args),
+        evaluation=EvalConfig(
+            perplexity=(PerplexityConfig(context=512, max_tokens=args.max_tokens),),
+            kld=True,
+            speed=True,
+            allow_fallback=args.allow_fallback,
+        ),
+        output=args.out,
+        store=args.store,
+    )
+    log = Path(args.out) / args.name / "quantlab.log"
+    with session(log, verbose=args.verbose, inner_bars=True):
+        report = run_sweep(config, data_root=args.data_root, cache=args.cache)
+    with ResultStore(args.store) as store:
+        rows = [r for r in store.results() if r.key == report.keys[variant.name]]
+    _print_results(rows)
+    for row in rows:
+        fit = fit_record(row.artifact)
+        if fit and row.metrics.kld is not None:
+            print(
+                f"\n{variant.name}: predicted KLD {fit['predicted_kld']:.5f}, measured "
+                f"{row.metrics.kld.mean:.5f}; {fit['bits_per_weight']:.3f} bits/weight "
+                f"({', '.join(f'{n} {k}' for k, n in fit['counts'].items())})"
+            )
+        print(f"artifact: {row.artifact}")
+
+
+def _fit_dry_run(args, fmt, target) -> None:
+    """The allocation a fit would target: from the measured sensitivity when the cache holds one
+    for this model and calibration set, else from the prior; sizes from the real shapes."""
+    from quantlab import settings
+    from quantlab.fit.build import config_units, plan_fit, resolve_size_of, units_for
+    from quantlab.workbench.plan import read_config
+
+    family = fmt.fit_family
+    target = resolve_size_of(target, Path(args.out) / args.name / "fit")
+    config, label, model_sha = read_config(args.model, cache=args.cache)
+    sens = None
+    if model_sha is None:  # a config alone: the planner's shapes
+        units, arch, fixed = config_units(config, family)
+    else:
+        from quantlab.fit.sensitivity import Sensitivity, SensitivityConfig, sensitivity_path
+
+        model_ref = _resolve_plain(args)
+        units, arch = units_for(model_ref, family), model_ref.folder.arch
+        fixed = config_units(config, family)[2]
+        _, calibration = _calibration(args, model_ref)
+        cache = settings.cache_dir(args.cache)
+        path = sensitivity_path(cache, model_sha, calibration.sha256, SensitivityConfig())
+        if path.is_file():
+            sens = Sensitivity.load(path)
+    plan = plan_fit(
+        units, family, target, arch=arch, config=config, fixed_bytes=fixed, sensitivity=sens
+    )
+    print(f"{label}: fit for {fmt.name} ({target.describe()}), dry run")
+    for line in plan.summary_lines():
+        print("  " + line)
+    kinds: dict[str, dict[str, int]] = {}
+    by_name = {u.name: u for u in plan.units}
+    for name, key in plan.settings().items():
+        counts = kinds.setdefault(by_name[name].kind, {})
+        counts[key] = counts.get(key, 0) + 1
+    print("  per kind of tensor:")
+    for kind, counts in kinds.items():
+        print(f"    {kind:<12} " + ", ".join(f"{n} {k}" for k, n in counts.items()))
+    bits = plan.layer_bits()
+    print(
+        "  bits/weight per layer: "
+        + " ".join(("emb" if layer < 0 else str(layer)) + f":{b:.2f}" for layer, b in bits.items())
+    )
+    if not plan.measured:
+        print(
+            "  (no measured sensitivity: every tensor taken as equally sensitive; run "
+            "`quantlab sensitivity MODEL` on the weights for a measured fit)"
+        )
+
+
+def _resolve_plain(args):
+    from quantlab.models import resolve_model
+
+    return resolve_model(args.model, cache=args.cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -614,11 +803,11 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_corpora
     )
 
-    def calibration_args(p: argparse.ArgumentParser) -> None:
+    def calibration_args(p: argparse.ArgumentParser, n_samples=128, seq_len=2048) -> None:
         p.add_argument("--calib", default="c4", help="corpus name or .txt/.jsonl path (c4)")
         p.add_argument("--split", default=None, help="corpus split (default: the corpus's first)")
-        p.add_argument("--n-samples", type=int, default=128)
-        p.add_argument("--seq-len", type=int, default=2048)
+        p.add_argument("--n-samples", type=int, default=n_samples)
+        p.add_argument("--seq-len", type=int, default=seq_len)
         p.add_argument("--seed", type=int, default=0)
         p.add_argument(
             "--allow-fallback",
@@ -734,6 +923,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="results/quantlab.db", help="results database")
     p.set_defaults(func=cmd_plan)
 
+    p = model_cmd(
+        "sensitivity",
+        "measure how much each tensor's quantization moves the output (once per model and "
+        "calibration set; every fit reuses it)",
+    )
+    calibration_args(p, n_samples=32, seq_len=512)
+    p.add_argument(
+        "--tokens", type=int, default=1024, help="calibration tokens the KLDs are measured on"
+    )
+    p.add_argument(
+        "--swaps", type=int, default=40, help="single-tensor swaps measured to check the model"
+    )
+    p.add_argument(
+        "--families",
+        default="ggml,int",
+        help="settings to measure the errors of: ggml (llama.cpp's types, needs the model as "
+        "GGUF) and/or int (GPTQ/RTN bits at --group-sizes)",
+    )
+    p.add_argument("--group-sizes", default="32,64,128", help="the int family's group sizes")
+    p.add_argument("--json", metavar="PATH", help="also copy the sensitivity file here")
+    p.set_defaults(func=cmd_sensitivity)
+    p = sub.add_parser(
+        "fit",
+        help="the best artifact that fits a budget: measured sensitivity, mixed precision, "
+        "built, evaluated and stored",
+    )
+    p.add_argument(
+        "model", metavar="MODEL", help="model spec or folder; a config.json with --dry-run"
+    )
+    p.add_argument(
+        "--format", required=True, help="gguf (a type per tensor) or gptq (bits per module)"
+    )
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--bpw", type=float, help="bits per weight of the quantized tensors")
+    budget.add_argument("--size", help="the artifact's size, e.g. 3GiB, 105MiB")
+    budget.add_argument("--vram", help="GPU memory, e.g. 8GiB (with --context and --batch)")
+    budget.add_argument("--size-of", metavar="ARTIFACT", help="the size of this artifact")
+    p.add_argument("--context", type=int, default=4096, help="context length for --vram")
+    p.add_argument("--batch", type=int, default=1, help="batch for --vram")
+    p.add_argument("--group-size", type=int, default=128, help="GPTQ fits: the group size")
+    p.add_argument(
+        "--exclude",
+        default="",
+        help="settings the fit may not choose, comma-separated (Q4_1,Q5_1 or w2g128)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the allocation it would build (sizes from the shapes; a config.json is enough)",
+    )
+    calibration_args(p, n_samples=32, seq_len=512)
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=8192,
+        help="WikiText-2 test tokens the fitted artifact is evaluated on (perplexity, KLD)",
+    )
+    p.add_argument("--name", default="fit", help="run name in the results store (fit)")
+    p.add_argument("--out", default="out", help="output folder: <out>/<name>/<variant>")
+    p.add_argument("--store", default="results/quantlab.db", help="results database")
+    p.set_defaults(func=cmd_fit)
     p = model_cmd("convert", "convert a model to GGUF with llama.cpp's own converter")
     p.add_argument("--to", choices=["gguf"], default="gguf", help="target format (gguf)")
     p.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"])

@@ -144,6 +144,98 @@ def run_config(
     return data
 
 
+FIT_BUDGETS = ("GPU memory (above)", "bits per weight", "file size (GiB)")
+
+
+def fit_formats() -> list[str]:
+    """Formats that can hold a fit (from the registry)."""
+    from quantlab.formats import formats
+
+    return [f.name for f in formats() if f.fit_family]
+
+
+def fit_run_config(
+    ws: Workspace, name, model, fmt, budget, value, vram_gib, context, batch, preset
+) -> dict:
+    """The run config of "build the best that fits": one fit variant of ``fmt`` for the budget
+    (validated by the workbench's parser)."""
+    from quantlab.workbench.config import parse_run_config
+
+    if budget == FIT_BUDGETS[0]:
+        target = {"vram": f"{float(vram_gib):g}GiB", "context": int(context), "batch": int(batch)}
+    elif value is None or float(value) <= 0:
+        raise QuantlabError(f"give a positive value for the {budget}")
+    elif budget == FIT_BUDGETS[1]:
+        target = {"bpw": float(value)}
+    else:
+        target = {"size": f"{float(value):g}GiB"}
+    chosen = PRESETS[preset]
+    data = {
+        "name": (name or "").strip() or time.strftime("fit-%Y%m%d-%H%M%S"),
+        "model": model.strip(),
+        "variants": [{"fit": target, "format": fmt}],
+        "calibration": {**chosen["calibration"], "allow_fallback": True},
+        "evaluation": {**chosen["evaluation"], "allow_fallback": True},
+        "output": str(ws.artifacts),
+        "store": str(ws.store),
+    }
+    parse_run_config(data)  # raises ConfigError naming the problem
+    return data
+
+
+def fit_figures(ws: Workspace, run: str = "all"):
+    """For the stored fits of ``run``: bits per weight per layer (one line per fit) and the
+    KLD each fit predicted against the KLD the harness measured; and a summary."""
+    import plotly.graph_objects as go
+
+    from quantlab.fit import Setting
+    from quantlab.fit.build import fit_record
+
+    bits = go.Figure()
+    kld = go.Figure()
+    lines = []
+    points = []
+    for row in results(ws, run):
+        if not isinstance(row.variant_config, dict) or "fit" not in row.variant_config:
+            continue
+        record = fit_record(row.artifact)
+        if record is None:
+            continue
+        layer_bits = record.get("layer_bits")
+        if not layer_bits:  # older records: each setting's own bits per weight
+            per: dict[int, list[float]] = {}
+            for tensor, key in record.get("settings", {}).items():
+                layer = next((int(p) for p in tensor.split(".") if p.isdigit()), -1)
+                per.setdefault(layer, []).append(Setting.from_key(key).bits_per_weight())
+            layer_bits = {str(k): sum(v) / len(v) for k, v in sorted(per.items())}
+        xs = ["embedding/head" if int(k) < 0 else int(k) for k in layer_bits]
+        bits.add_trace(go.Scatter(x=xs, y=list(layer_bits.values()), mode="lines+markers",
+                                  name=row.variant))  # fmt: skip
+        measured = row.metrics.kld.mean if row.metrics.kld else None
+        predicted = record.get("predicted_kld")
+        if measured is not None and predicted is not None:
+            points.append((predicted, measured, row.variant))
+        counts = ", ".join(f"{n} {k}" for k, n in record.get("counts", {}).items())
+        lines.append(
+            f"- **{row.variant}**: {record.get('bits_per_weight', 0):.2f} bits/weight ({counts}); "
+            f"predicted KLD {predicted:.4f}, measured "
+            + (f"{measured:.4f}" if measured is not None else "-")
+        )
+    bits.update_layout(title="bits per weight per layer", xaxis_title="layer",
+                       yaxis_title="bits/weight", height=360)  # fmt: skip
+    if points:
+        kld.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points],
+                                 mode="markers+text", text=[p[2] for p in points],
+                                 textposition="top center", name="fits"))  # fmt: skip
+        top = max(max(p[0], p[1]) for p in points)
+        kld.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="predicted = measured",
+                                 line={"dash": "dash"}))  # fmt: skip
+    kld.update_layout(title="predicted vs measured KLD", xaxis_title="predicted",
+                      yaxis_title="measured (harness)", height=360)  # fmt: skip
+    text = "\n".join(lines) if lines else "no fitted artifacts stored yet"
+    return bits, kld, text
+
+
 def _status(state: dict | None, started: float) -> str:
     if not state:
         return f"starting ... ({time.time() - started:.0f} s)"
@@ -476,6 +568,22 @@ def build_app(workdir: str | Path = "app-data"):
             fit_btn = gr.Button("Plan")
             fit_text = gr.Markdown()
             fit_table = gr.Dataframe(interactive=False)
+            gr.Markdown(
+                "### Build the best that fits\nMeasures each tensor's sensitivity once (cached), "
+                "chooses a setting per tensor that minimises the predicted KLD within the budget, "
+                "writes the artifact, and measures it like every other (Compare tab)."
+            )
+            with gr.Row():
+                fit_format = gr.Dropdown(fit_formats(), value="gguf", label="format")
+                fit_budget = gr.Radio(list(FIT_BUDGETS), value=FIT_BUDGETS[0], label="budget")
+                fit_value = gr.Number(None, label="bits per weight or GiB (other budgets)")
+                fit_preset = gr.Radio(list(PRESETS), value="quick", label="preset")
+            build_btn = gr.Button("Build the best that fits", variant="primary", elem_id="build")
+            build_status = gr.Markdown("", elem_id="build-status")
+            fit_summary = gr.Markdown(elem_id="fit-summary")
+            with gr.Row():
+                bits_plot = gr.Plot(elem_id="bits-plot")
+                predicted_plot = gr.Plot(elem_id="predicted-plot")
         with gr.Tab("Artifacts"):
             with gr.Row():
                 artifact = gr.Dropdown([], label="artifact", allow_custom_value=False)
@@ -537,6 +645,29 @@ def build_app(workdir: str | Path = "app-data"):
             [fit_table, fit_text],
             api_name="plan",
         )
+
+        def build(model_name, fmt_name, budget, value, v, c, b, preset_name):
+            try:
+                data = fit_run_config(
+                    ws, "", model_name, fmt_name, budget, value, v, c, b, preset_name
+                )
+                yield from start_run(ws, data)
+            except QuantlabError as exc:
+                raise gr.Error(str(exc)) from None
+
+        def show_fits():
+            bits_fig, kld_fig, text = fit_figures(ws)
+            return bits_fig, kld_fig, text
+
+        build_event = build_btn.click(
+            build,
+            [fit_model, fit_format, fit_budget, fit_value, vram, context, batch, fit_preset],
+            build_status,
+            concurrency_limit=1,
+            api_name="fit",
+        )
+        build_event.then(show_fits, None, [bits_plot, predicted_plot, fit_summary])
+        app.load(show_fits, None, [bits_plot, predicted_plot, fit_summary])
         list_btn.click(lambda: gr.update(choices=artifact_choices(ws)), None, artifact)
         app.load(lambda: gr.update(choices=artifact_choices(ws)), None, artifact)
 

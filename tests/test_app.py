@@ -58,6 +58,26 @@ def test_the_form_is_validated_like_a_run_config(tmp_path):
         run_config(ws, "r3", "tiny-llama", False, [], 4, 64, "gptq", [], False, "quick")
 
 
+def test_the_fit_form_is_validated_like_a_run_config(tmp_path):
+    from quantlab.errors import ConfigError
+    from quantlab.webapp import FIT_BUDGETS, Workspace, fit_formats, fit_run_config
+
+    ws = Workspace(tmp_path / "ws")
+    assert fit_formats() == ["gguf", "gptq"]
+    data = fit_run_config(
+        ws, "f1", "tiny-llama", "gguf", FIT_BUDGETS[0], None, 24, 8192, 1, "quick"
+    )
+    assert data["variants"] == [
+        {"fit": {"vram": "24GiB", "context": 8192, "batch": 1}, "format": "gguf"}
+    ]
+    data = fit_run_config(ws, "f2", "tiny-llama", "gptq", FIT_BUDGETS[1], 4.5, 24, 8192, 1, "quick")
+    assert data["variants"][0]["fit"] == {"bpw": 4.5}
+    with pytest.raises(QuantlabError, match="positive value"):
+        fit_run_config(ws, "f3", "tiny-llama", "gguf", FIT_BUDGETS[2], None, 24, 8192, 1, "quick")
+    with pytest.raises(ConfigError, match="cannot hold a fit"):
+        fit_run_config(ws, "f4", "tiny-llama", "awq", FIT_BUDGETS[1], 4, 24, 8192, 1, "quick")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,6 +126,15 @@ def test_a_quick_run_through_the_api_is_stored_and_served(running_app):
         assert err.value.code in (403, 404)
     plan = client.predict("tiny-llama", 8, 4096, 1, api_name="/plan")
     assert "Best choice for 8 GiB" in plan[1]
+    # "build the best that fits": a fitted GPTQ mix, stored beside the other rows
+    status = client.predict(
+        "tiny-llama", "gptq", "bits per weight", 5, 8, 4096, 1, "quick", api_name="/fit"
+    )
+    assert "done" in status
+    from quantlab.webapp import fit_figures
+
+    _, _, summary = fit_figures(app.workspace)
+    assert "fit-gptq-bpw5" in summary and "predicted KLD" in summary
 
     # a second run, cancelled mid-way: the child is killed and nothing partial is recorded
     job = client.submit(

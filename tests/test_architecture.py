@@ -33,6 +33,7 @@ LAYERS = {
     "quantlab.verify": 4,
     "quantlab.reference": 5,
     "quantlab.workbench": 5,
+    "quantlab.fit": 5,  # sensitivity, allocation, build: beside the workbench (it uses the planner)
     "quantlab.fuzz": 6,
     "quantlab.doctor": 6,
     "quantlab.cli": 6,

@@ -179,3 +179,32 @@ def test_gptqmodel_and_transformers_read_quantlab_gptq_of_the_default_model(
     for logits in (theirs, hf_logits):
         assert mean_rel_diff(logits, mine) < 5e-3
         assert (logits.argmax(-1) == mine.argmax(-1)).float().mean() > 0.9
+
+
+def test_gptqmodel_reads_per_module_bits_from_dynamic(tiny_models, tmp_path):
+    """A fit's GPTQ checkpoint: 4-bit base, q/k/v of one block at 8 bits and group 32, one
+    down_proj at 3 bits (GPTQModel's ``dynamic``): GPTQModel builds each module with its own
+    bits and computes what quantlab computes."""
+    source = resolve_model(str(tiny_models["tiny-llama"]))
+    model = load_model(source)
+    own = {
+        **{
+            f"model.layers.0.self_attn.{n}_proj": RTNConfig(bits=8, group_size=32, sym=True)
+            for n in ("q", "k", "v")
+        },
+        "model.layers.1.mlp.down_proj": RTNConfig(bits=3, group_size=64, sym=True),
+    }
+    result = quantize_model(
+        model, source.folder.arch, "rtn", RTNConfig(bits=4, group_size=64, sym=True), None,
+        progress=False, overrides=own,
+    )  # fmt: skip
+    path = write_artifact("gptq", tmp_path / "mixed", source, result=result, model=model)
+    theirs, _ = gptqmodel_logits(path, "GPTQ_TORCH")
+    gptqmodel = pytest.importorskip("gptqmodel")
+    loaded = gptqmodel.GPTQModel.load(
+        str(path), backend=gptqmodel.BACKEND.GPTQ_TORCH, device="cpu", dtype=torch.float16
+    )
+    layers = loaded.model.model.layers
+    assert layers[0].self_attn.q_proj.bits == 8 and layers[0].self_attn.q_proj.group_size == 32
+    assert layers[1].mlp.down_proj.bits == 3 and layers[1].mlp.up_proj.bits == 4
+    assert rel_diff(theirs, ours(path)) < 1e-3

@@ -376,6 +376,7 @@ def test_plan_for_llama3_8b_from_its_config_alone(tmp_path, capsys):
     assert main(["plan", str(tmp_path / "config.json"), "--vram", "8GiB", "--context", "8192"]) == 0
     out = capsys.readouterr().out
     assert "gguf Q4_K_M" in out and "most bits that fit: gguf Q6_K" in out
+    assert "quantlab fit" in out and "--vram 8GiB --context 8192" in out
 
 
 def test_result_keys_ignore_streaming_but_not_the_method_code_version(

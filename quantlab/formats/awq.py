@@ -78,7 +78,7 @@ class AWQFormat(HFCheckpointFormat):
             raise QuantlabError(f"{path}: AWQ version {version!r} is not supported (only gemm)")
         return self.options()
 
-    def code_bits(self, qc: dict) -> int:
+    def code_bits(self, qc: dict, module: str | None = None) -> int:
         return 4
 
     def decoder(self, qc: dict, options, dtype):

@@ -175,8 +175,15 @@ class HFCheckpointFormat(Format):
         """``decode(name, parts, out, in) -> QuantizedWeight`` for this checkpoint."""
         raise NotImplementedError
 
-    def code_bits(self, qc: dict) -> int:
+    def code_bits(self, qc: dict, module: str | None = None) -> int:
+        """Bits per code of ``module``'s packed weight (the checkpoint's, unless the format
+        holds per-module settings)."""
         return int(qc.get("bits", 4))
+
+    def check_summaries(self, summaries: dict, options) -> None:
+        """Refuse linears the checkpoint's ``quantization_config`` cannot describe together
+        (default: one bits/group_size/sym for all)."""
+        check_uniform(self.label(options), summaries)
 
     def keeps_dtype(self, options) -> bool:
         """Whether ``options`` ask for the source's dtype for non-quantized tensors."""
@@ -196,7 +203,7 @@ class HFCheckpointFormat(Format):
         if result is None or model is None:
             raise QuantlabError(f"format {self.name} writes a method's result")
         summaries = {name: WeightSummary.of(qw) for name, qw in result.weights.items()}
-        check_uniform(self.label(options), summaries)
+        self.check_summaries(summaries, options)
         packed = self.pack_linears(result.weights, options)  # refuses before touching the disk
         config, stored = source_config(request.source)
         dtype = written_dtype(stored, self.keeps_dtype(options))
@@ -206,8 +213,9 @@ class HFCheckpointFormat(Format):
         with atomic_directory(out) as tmp:
             files = save_shards(tensors, tmp, request.max_shard_bytes)
             self.finish_folder(
-                tmp, result, summaries, _with_dtype(config, dtype), request.source, files, options
-            )
+                tmp, result, summaries, _with_dtype(config, dtype), request.source, files, options,
+                request.manifest_extra,
+            )  # fmt: skip
         return out
 
     def stream(self, request: WriteRequest, run: Callable) -> tuple[Path, object]:
@@ -242,7 +250,7 @@ class HFCheckpointFormat(Format):
             def sink(done) -> None:
                 for name, qw in done.weights.items():
                     summaries[name] = WeightSummary.of(qw)
-                check_uniform(self.label(options), summaries)
+                self.check_summaries(summaries, options)
                 packed = self.pack_linears(done.weights, options)  # refuses what it cannot hold
                 linear_weights = {f"{name}.weight" for name in done.weights}
                 for local, tensor in done.block.state_dict().items():
@@ -263,11 +271,14 @@ class HFCheckpointFormat(Format):
                     writer.add(key, as_written(tensor))
             files = writer.close()
             self.finish_folder(
-                tmp, result, summaries, _with_dtype(config, dtype), source, files, options
-            )
+                tmp, result, summaries, _with_dtype(config, dtype), source, files, options,
+                request.manifest_extra,
+            )  # fmt: skip
         return out, result
 
-    def finish_folder(self, tmp: Path, result, summaries, config, source, files, options) -> None:
+    def finish_folder(
+        self, tmp: Path, result, summaries, config, source, files, options, extra=None
+    ) -> None:
         """Write everything but the weights into ``tmp``: config.json with
         ``quantization_config``, the format's extra files, the source's tokenizer and other small
         files, the importance matrix, and the manifest last (with every file's sha256)."""
@@ -302,6 +313,12 @@ class HFCheckpointFormat(Format):
             "source": source_record(source),
             "quantize_seconds": round(result.seconds, 3),
             "notes": self.checkpoint_notes(summaries, options),
+            **(
+                {"overrides": {n: dataclasses.asdict(c) for n, c in result.overrides.items()}}
+                if getattr(result, "overrides", None)
+                else {}
+            ),
+            **(extra or {}),
             "files": {f: content_sha256(tmp / f) for f in sorted(files)},
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -345,7 +362,7 @@ class HFCheckpointFormat(Format):
         from quantlab.formats.loader import quantization_config
         from quantlab.models.folder import SAFETENSORS_DTYPE_SIZES, read_safetensors_header
 
-        bits = self.code_bits(quantization_config(Path(path)))
+        qc = quantization_config(Path(path))
         files = sorted(
             p for p in Path(path).glob("*.safetensors") if p.name != "imatrix.safetensors"
         )
@@ -357,8 +374,8 @@ class HFCheckpointFormat(Format):
             module, _, part = t.name.rpartition(".")
             if module in quantized and part in self.parts:
                 linear_bytes += t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype]
-                if part == self.marker:
-                    linear_weights += t.numel * 32 // bits  # int32 words of packed codes
+                if part == self.marker:  # int32 words of packed codes
+                    linear_weights += t.numel * 32 // self.code_bits(qc, module)
             else:
                 weights += t.numel
         return ArtifactSize(tensor_bytes, weights + linear_weights, linear_bytes, linear_weights)

@@ -38,7 +38,7 @@ class CompressedTensorsFormat(HFCheckpointFormat):
             raise QuantlabError("compressed-tensors: exactly one weight scheme is supported")
         return schemes[0]
 
-    def code_bits(self, qc: dict) -> int:
+    def code_bits(self, qc: dict, module: str | None = None) -> int:
         return int(self._scheme(qc)["num_bits"])
 
     def decoder(self, qc: dict, options, dtype):

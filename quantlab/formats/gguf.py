@@ -44,6 +44,20 @@ class GGUFOptions:
                 raise ConfigError(f"gguf_type must be one of {', '.join(GGUF_TYPES)}")
 
 
+# the llama.cpp file type a fitted file is labelled with: that of the type most tensors got
+_FTYPE_OF = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
+
+
+def fitted_file_type(tensor_settings: dict[str, str]) -> str:
+    """The llama.cpp file type (``general.file_type``) of a fit: the most common tensor type's
+    (every tensor gets its own type through overrides; this only labels the file)."""
+    from collections import Counter
+
+    common = Counter(tensor_settings.values()).most_common(1)[0][0]
+    ftype = _FTYPE_OF.get(common, common)
+    return ftype if ftype in GGUF_TYPES else "Q8_0"
+
+
 class GGUFFormat(Format):
     name = "gguf"
     description = (
@@ -53,6 +67,7 @@ class GGUFFormat(Format):
     suffix = ".gguf"
     needs_method = False
     runtime = "llama.cpp"
+    fit_family = "ggml"
     run_snippet = (
         "llama-cli -m {path} -p 'Hello'   # or: python -c \"from llama_cpp import Llama; "
         "print(Llama('{path}')('Hello', max_tokens=32))\""
@@ -112,6 +127,18 @@ class GGUFFormat(Format):
             return lossless_artifact(request.result, request.source, out, cache, base)[0]
         from quantlab.formats.gguf_quant import llama_cpp_artifact
 
+        if request.tensor_settings:  # a fit: one ggml type per tensor
+            return llama_cpp_artifact(
+                request.source,
+                out,
+                fitted_file_type(request.tensor_settings),
+                cache,
+                imatrix=request.imatrix,
+                calibration=request.calibration,
+                corpus_label=request.corpus_label,
+                per_tensor=request.tensor_settings,
+                extra=request.manifest_extra,
+            )
         return llama_cpp_artifact(
             request.source,
             out,

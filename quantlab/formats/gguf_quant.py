@@ -98,10 +98,15 @@ def quantize_gguf(
     imatrix: dict | None = None,
     calibration_sha256: str | None = None,
     nthread: int = 0,
+    tensor_types: dict[str, str] | None = None,
 ) -> Path:
     """Quantize the full-precision GGUF ``src`` to ``gguf_type``, written atomically to ``dst``.
 
     ``imatrix`` maps Hugging Face linear names (or GGUF tensor names) to mean x^2 per input column.
+    ``tensor_types`` (GGUF tensor name -> ggml type name, e.g. ``{"blk.3.ffn_down.weight":
+    "Q6_K"}``) overrides llama.cpp's choice per tensor (its ``--tensor-type``, through
+    ``tt_overrides``); a tensor whose width the type cannot hold still falls back (llama.cpp
+    warns), so callers check `tensor_types` of the result.
     """
     from quantlab.formats.gguf_file import read_header
 
@@ -146,6 +151,18 @@ def quantize_gguf(
         overrides[0].value.val_str = calibration_sha256.encode()[:127]
         overrides[1].key = b""
         params.kv_overrides = overrides
+    if tensor_types:
+        array = (llama_cpp.llama_model_tensor_override * (len(tensor_types) + 1))()
+        for i, (name, type_name) in enumerate(sorted(tensor_types.items())):
+            code = getattr(llama_cpp, f"GGML_TYPE_{type_name.upper()}", None)
+            if code is None:
+                raise ConfigError(f"unknown ggml type {type_name!r} for tensor {name}")
+            array[i].pattern = f"^{re.escape(name)}$".encode()
+            array[i].type = code
+        array[len(tensor_types)].pattern = None  # NULL-terminated
+        array[len(tensor_types)].type = llama_cpp.GGML_TYPE_COUNT
+        keep.append(array)
+        params.tt_overrides = array
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
@@ -264,10 +281,15 @@ def llama_cpp_artifact(
     imatrix: tuple[dict, int] | None = None,
     calibration=None,
     corpus_label: str = "",
+    per_tensor: dict[str, str] | None = None,
+    extra: dict | None = None,
 ) -> Path:
     """``out``: llama.cpp's ``gguf_type`` quantization of ``model_ref``'s full-precision GGUF;
     with ``imatrix`` ((values, rows) measured on ``calibration``) fed to llama.cpp and also saved
-    as ``<out stem>.imatrix.gguf``; then the manifest."""
+    as ``<out stem>.imatrix.gguf``; then the manifest (with ``extra`` fields).
+
+    ``per_tensor`` (GGUF tensor name -> ggml type) sets each named tensor's type (a fit); the
+    written types are read back and must be those asked for, else nothing is left behind."""
     src = full_precision_gguf(model_ref, cache)
     values = None
     if imatrix is not None:
@@ -281,11 +303,24 @@ def llama_cpp_artifact(
         gguf_type,
         imatrix=values,
         calibration_sha256=calibration.sha256 if values is not None else None,
+        tensor_types=per_tensor,
     )
+    if per_tensor:
+        written = tensor_types(out)
+        wrong = {n: (t, written.get(n)) for n, t in per_tensor.items() if written.get(n) != t}
+        if wrong:
+            out.unlink(missing_ok=True)
+            imatrix_file(out).unlink(missing_ok=True)
+            name, (asked, got) = next(iter(wrong.items()))
+            raise QuantlabError(
+                f"llama.cpp did not write the types asked for ({len(wrong)} tensors, e.g. {name}: "
+                f"{asked} asked, {got} written)"
+            )
     write_gguf_manifest(
         out,
         src,
         model_ref,
+        **(extra or {}),
         gguf_type=gguf_type.upper(),
         imatrix=values is not None,
         calibration=calibration.provenance() if values is not None else None,

@@ -66,7 +66,10 @@ class WriteRequest:
       calibration set, when the variant asks for it; ``calibration`` the `CalibrationSet` it was
       measured on; ``corpus_label`` its corpus;
     - ``cache``: quantlab's cache folder (full-precision GGUF files, converters);
-    - ``max_shard_bytes``: the largest weight shard a folder format writes.
+    - ``max_shard_bytes``: the largest weight shard a folder format writes;
+    - ``tensor_settings``: a fit's setting per tensor, for a format that quantizes the model
+      itself (``fit_family`` ggml: GGUF tensor name -> ggml type, e.g. ``Q4_K``);
+    - ``manifest_extra``: more fields for the artifact's manifest (a fit's record).
     """
 
     out: Path
@@ -79,6 +82,8 @@ class WriteRequest:
     corpus_label: str = ""
     cache: Path | None = None
     max_shard_bytes: int = 2 * 1024**3
+    tensor_settings: dict | None = None
+    manifest_extra: dict | None = None
 
 
 class Format:
@@ -96,6 +101,11 @@ class Format:
     standalone: bool = True  # False: loading needs the source model (a delta artifact)
     default: bool = False  # the format a method's result gets when none is named (one format)
     note: str = ""  # said wherever the format's rows are reported
+    # which settings a fit may choose per tensor (`quantlab.fit`): "ggml" (ggml types, the format
+    # quantizes the model itself from ``WriteRequest.tensor_settings``), "int" (integer bits per
+    # module: a per-module method result), None: the format cannot hold a fit
+    fit_family: str | None = None
+    fit_method: str | None = None  # the method an "int" fit runs
     run_snippet: str = (
         "from transformers import AutoModelForCausalLM\n"
         "model = AutoModelForCausalLM.from_pretrained('{path}')"

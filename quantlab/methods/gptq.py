@@ -257,18 +257,24 @@ def split_rows(qw: QuantizedWeight, sizes: list[int], dtypes: list) -> list[Quan
     GPTQConfig,
     needs_calibration=True,
     description="GPTQ (Frantar et al. 2022): Hessian-based error feedback",
+    per_module=True,
 )
 def quantize_block(ctx, config: GPTQConfig) -> None:
     def solve(group, H: torch.Tensor) -> None:
-        weights = [ctx.weight(name) for name in group.linears]
-        try:
-            stacked = gptq_quantize(torch.cat(weights), H, config)
-        except ValueError as exc:
-            raise ctx.error(group.linears[0], str(exc)) from None
-        sizes = [w.shape[0] for w in weights]
-        dtypes = [ctx.original_dtype(name) for name in group.linears]
-        for name, qw in zip(group.linears, split_rows(stacked, sizes, dtypes), strict=True):
-            ctx.set_quantized(name, qw)
+        # linears of the group with the same config are stacked and solved in one pass
+        by_config: dict[GPTQConfig, list[str]] = {}
+        for name in group.linears:
+            by_config.setdefault(ctx.config_for(name, config), []).append(name)
+        for cfg, names in by_config.items():
+            weights = [ctx.weight(name) for name in names]
+            try:
+                stacked = gptq_quantize(torch.cat(weights), H, cfg)
+            except ValueError as exc:
+                raise ctx.error(names[0], str(exc)) from None
+            sizes = [w.shape[0] for w in weights]
+            dtypes = [ctx.original_dtype(name) for name in names]
+            for name, qw in zip(names, split_rows(stacked, sizes, dtypes), strict=True):
+                ctx.set_quantized(name, qw)
 
     def hessian(group, x) -> torch.Tensor:
         H, n = accumulate_hessian(None, 0, x)

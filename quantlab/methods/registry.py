@@ -27,6 +27,7 @@ class MethodSpec:
     quantize_block: Callable  # (ctx: BlockContext, config) -> None
     needs_calibration: bool  # False: works from the weights alone (RTN)
     description: str = ""
+    per_module: bool = False  # takes per-linear configs (`BlockContext.config_for`)
 
     def fields(self) -> list[dataclasses.Field]:
         """The config's settable fields (``version`` is the config's own)."""
@@ -36,7 +37,9 @@ class MethodSpec:
 _METHODS: dict[str, MethodSpec] = {}
 
 
-def register_method(name: str, config_cls: type, *, needs_calibration: bool, description=""):
+def register_method(
+    name: str, config_cls: type, *, needs_calibration: bool, description="", per_module=False
+):
     """Decorator registering ``quantize_block(ctx, config)`` as method ``name``."""
     if not dataclasses.is_dataclass(config_cls):
         raise TypeError(f"method {name!r}: the config must be a dataclass")
@@ -44,7 +47,9 @@ def register_method(name: str, config_cls: type, *, needs_calibration: bool, des
     def wrap(fn: Callable) -> Callable:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
-        _METHODS[name] = MethodSpec(name, config_cls, fn, needs_calibration, description or name)
+        _METHODS[name] = MethodSpec(
+            name, config_cls, fn, needs_calibration, description or name, per_module
+        )
         return fn
 
     return wrap

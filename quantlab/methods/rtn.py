@@ -24,10 +24,13 @@ class RTNConfig:
 
 
 @register_method(
-    "rtn", RTNConfig, needs_calibration=False, description="round to nearest, no calibration"
+    "rtn",
+    RTNConfig,
+    needs_calibration=False,
+    description="round to nearest, no calibration",
+    per_module=True,
 )
 def quantize_block(ctx, config: RTNConfig) -> None:
     for name in ctx.linear_names:
-        ctx.set_quantized(
-            name, quantize_rtn(ctx.weight(name), config.bits, config.group_size, config.sym)
-        )
+        c = ctx.config_for(name, config)
+        ctx.set_quantized(name, quantize_rtn(ctx.weight(name), c.bits, c.group_size, c.sym))

@@ -57,13 +57,17 @@ class QuantizationResult:
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     linears: int = 0  # linears quantized (also when a streaming sink holds their tensors)
+    overrides: dict = field(default_factory=dict)  # linear -> its own config (per-module)
 
 
 class BlockContext:
     """One decoder block as a method sees it: weights by name, forward passes with hooks."""
 
-    def __init__(self, prefix: str, block, compute, arch: ArchSpec, inputs, kwargs, imatrix):
+    def __init__(
+        self, prefix: str, block, compute, arch: ArchSpec, inputs, kwargs, imatrix, configs=None
+    ):
         self.prefix, self.block, self.compute, self.arch = prefix, block, compute, arch
+        self._configs = configs or {}  # linear (block-local name) -> its own config
         self.inputs, self.kwargs = inputs, kwargs
         self.linear_names = list(arch.linears)
         self.groups = list(arch.input_groups)
@@ -74,6 +78,11 @@ class BlockContext:
         self.outputs_stale = True
         self._in_forward = False
         self._imatrix = imatrix  # full linear name -> [sum of x^2, count]
+
+    def config_for(self, name: str, config):
+        """The config linear ``name`` is quantized with: its own (a per-module override, e.g. a
+        fit's bits) or the method's ``config``."""
+        return self._configs.get(name, config)
 
     # --- weights ----------------------------------------------------------------------------
     def weight(self, name: str) -> torch.Tensor:
@@ -297,7 +306,20 @@ def _capture_first_block_inputs(model, arch: ArchSpec, ids: torch.Tensor, dtype,
     return cast(captured["hidden"]), kwargs
 
 
-def run_block(spec, config, prefix, block, arch, hidden, kwargs, imatrix, *, dtype, device):
+def capture_block_inputs(model, arch: ArchSpec, ids: torch.Tensor, dtype, device):
+    """The first block's input for token ids ``ids`` (batch, seq) and the keyword arguments every
+    block is called with (position embeddings, masks), in ``dtype`` on ``device``."""
+    return _capture_first_block_inputs(model, arch, ids, dtype, device)
+
+
+def forward_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One block's output for ``hidden`` (inference mode, in the calibration walk's chunks)."""
+    return _chunked_forward(block, hidden, kwargs, [], None)
+
+
+def run_block(
+    spec, config, prefix, block, arch, hidden, kwargs, imatrix, *, dtype, device, configs=None
+):
     """Quantize one block with method ``spec``; returns its `BlockContext` (the quantized weights,
     changed parameters, records) and the block's outputs, the next block's inputs (``hidden`` is
     None without calibration). The per-block step of `quantize_model`."""
@@ -305,7 +327,7 @@ def run_block(spec, config, prefix, block, arch, hidden, kwargs, imatrix, *, dty
     compute = block
     if calibrated and (dtype != torch.float32 or device != "cpu"):
         compute = copy.deepcopy(block).to(device=device, dtype=dtype)
-    ctx = BlockContext(prefix, block, compute, arch, hidden, kwargs, imatrix)
+    ctx = BlockContext(prefix, block, compute, arch, hidden, kwargs, imatrix, configs)
     if calibrated and not spec.needs_calibration:
         ctx.forward()  # RTN with calibration: the pass only gathers the importance matrix
     spec.quantize_block(ctx, config)
@@ -349,6 +371,7 @@ def quantize_model(
     progress: bool = True,
     loader: BlockLoader | None = None,
     sink: Callable[[BlockResult], None] | None = None,
+    overrides: dict | None = None,
 ) -> QuantizationResult:
     """The block walk: quantize every block of ``model`` in order and return the result.
 
@@ -361,12 +384,22 @@ def quantize_model(
     and the result then holds only what describes the whole run (importance matrix, records,
     calibration, timings). ``loader`` fills each block before it runs and empties it afterwards
     (a model read from its shards); without it the blocks are already in ``model``.
+
+    ``overrides`` (full linear name -> a config of the method's class) quantizes those linears
+    with their own settings (per-module bits, e.g. a fit's); only methods registered with
+    ``per_module`` take them.
     """
     from tqdm import tqdm
 
     spec = get_method(method)
     if not isinstance(config, spec.config_cls):
         raise QuantlabError(f"method {method} takes a {spec.config_cls.__name__}")
+    overrides = dict(overrides or {})
+    if overrides and not spec.per_module:
+        raise QuantlabError(f"method {method} does not take per-module settings")
+    for name, own in overrides.items():
+        if not isinstance(own, spec.config_cls):
+            raise QuantlabError(f"{name}: the override must be a {spec.config_cls.__name__}")
     if spec.needs_calibration and calibration is None:
         raise QuantlabError(f"method {method} needs a calibration set")
     start = time.perf_counter()
@@ -387,6 +420,7 @@ def quantize_model(
             for name in arch.linears:
                 imatrix[f"{arch.blocks}.{i}.{name}"] = [0.0, 0]
     result = QuantizationResult(method, config, {}, {}, {}, 0, {}, None, 0.0, stages)
+    result.overrides = overrides
 
     def keep(done: BlockResult) -> None:  # the in-memory sink
         result.weights.update(done.weights)
@@ -405,9 +439,15 @@ def quantize_model(
         block = blocks[i]
         if loader is not None:
             loader.load_block(prefix, block)
+        configs = {
+            n.removeprefix(prefix + "."): c
+            for n, c in overrides.items()
+            if n.startswith(prefix + ".")
+        }
         ctx, hidden = run_block(
-            spec, config, prefix, block, arch, hidden, kwargs, imatrix, dtype=dtype, device=device
-        )
+            spec, config, prefix, block, arch, hidden, kwargs, imatrix,
+            dtype=dtype, device=device, configs=configs,
+        )  # fmt: skip
         missing = [name for name in arch.linears if name not in ctx.quantized]
         if missing:
             raise QuantlabError(f"{method} left {prefix} {', '.join(missing)} unquantized")

@@ -32,6 +32,7 @@ def quantize_streaming(
     calib_dtype: str = "float32",
     device: str = "cpu",
     progress: bool = True,
+    overrides: dict | None = None,
 ) -> QuantizationResult:
     """Quantize ``model_ref`` block by block from its shards, handing each block to ``sink``;
     returns the run's result (without per-linear tensors: the sink has them)."""
@@ -51,4 +52,5 @@ def quantize_streaming(
         progress=progress,
         loader=loader,
         sink=sink,
+        overrides=overrides,
     )

@@ -74,3 +74,16 @@ def model_info(model: ResolvedModel) -> ModelInfo:
         tokenizer=_tokenizer_summary(model),
         weights_note=note,
     )
+
+
+def linear_shapes(model_ref: ResolvedModel) -> dict[str, tuple[int, int]]:
+    """The (out, in) shape of every quantizable linear (the blocks' linears of its architecture),
+    from the safetensors headers."""
+    arch = model_ref.folder.arch
+    return {
+        t.name.removesuffix(".weight"): (t.shape[0], t.shape[1])
+        for t in model_ref.folder.tensors
+        if t.name.startswith(arch.blocks + ".")
+        and len(t.shape) == 2
+        and any(t.name.endswith(f".{name}.weight") for name in arch.linears)
+    }

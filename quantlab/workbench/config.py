@@ -53,7 +53,7 @@ from quantlab.eval.perplexity import PerplexityConfig
 
 # run and variant names become file and folder names: no separators, no leading dot
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-VARIANT_KEYS = ("name", "method", "format", "impl", "imatrix", "streaming")
+VARIANT_KEYS = ("name", "method", "format", "impl", "imatrix", "streaming", "fit")
 IMPL = "quantlab"  # quantlab's own implementation of a method (else a reference toolkit's)
 EVALUATION_DEFAULTS = {"perplexity": (PerplexityConfig(),), "kld": True, "speed": True}
 # a sweep's calibration when the section leaves them out: small enough for a laptop's sweep
@@ -82,6 +82,7 @@ class Variant:
     impl: str = IMPL  # or a reference toolkit (gptqmodel, llmcompressor): its own checkpoint
     imatrix: bool = False  # measure the importance matrix on the calibration set for it
     streaming: bool = False  # quantize block by block from the shards (identical result)
+    fit: object | None = None  # a `quantlab.fit.FitTarget`: the format's best mix for a budget
 
     @property
     def is_reference(self) -> bool:
@@ -91,6 +92,8 @@ class Variant:
     def needs_calibration(self) -> bool:
         from quantlab.methods import get_method
 
+        if self.fit is not None:
+            return True  # the sensitivity and the importance matrix are measured on it
         if self.method is None:
             return self.imatrix
         return self.impl != IMPL or get_method(self.method).needs_calibration or self.imatrix
@@ -98,7 +101,10 @@ class Variant:
     def to_dict(self) -> dict:
         """The variant as a run config writes it (flat: method fields and format options beside
         the variant's own keys)."""
-        out = {k: getattr(self, k) for k in VARIANT_KEYS}
+        if self.fit is not None:  # {name, format, fit}: the rest follows from the fit
+            fit = {k: v for k, v in dataclasses.asdict(self.fit).items() if k != "version"}
+            return {"name": self.name, "format": self.format, "fit": fit}
+        out = {k: getattr(self, k) for k in VARIANT_KEYS if k != "fit"}
         for part in (self.config, self.options):
             if part is not None:
                 out.update({k: v for k, v in dataclasses.asdict(part).items() if k != "version"})
@@ -115,6 +121,8 @@ class Variant:
             "impl": self.impl,
             "imatrix": self.imatrix,
         }
+        if self.fit is not None:
+            fields["fit"] = dataclasses.asdict(self.fit)
         return json.dumps(fields, sort_keys=True)
 
 
@@ -196,6 +204,8 @@ def parse_variant(data, where: str = "variant") -> Variant:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     data = dict(data)
+    if "fit" in data:
+        return _parse_fit_variant(data, where)
     own = {k: data.pop(k) for k in VARIANT_KEYS if k in data}
     _check_types(
         {"name": "str", "method": "str | None", "format": "str | None", "impl": "str",
@@ -260,6 +270,42 @@ def parse_variant(data, where: str = "variant") -> Variant:
     name = own.get("name") or _default_name(method, config, given, fmt, options, impl, imatrix)
     _check_name("variant name", name)
     return Variant(name, method, config, fmt_name, options, impl, imatrix, bool(streaming))
+
+
+def _parse_fit_variant(data: dict, where: str) -> Variant:
+    """``{fit: {bpw: 4.5}, format: gguf}``: the format's best per-tensor mix for the budget
+    (`quantlab.fit`), from the sensitivity measured on the run's calibration set."""
+    from quantlab.fit import FitTarget
+    from quantlab.formats import formats, get_format
+
+    fit, fmt_name, name = data.pop("fit"), data.pop("format", None), data.pop("name", None)
+    can = ", ".join(f.name for f in formats() if f.fit_family)
+    if data:
+        key = sorted(data)[0]
+        raise ConfigError(
+            f"{where}: {key!r} does not go with fit; a fit variant has fit, format ({can}) and name"
+        )
+    if not isinstance(fit, dict):
+        raise ConfigError(f"{where}: fit: expected a mapping such as {{bpw: 4.5}}")
+    allowed = _fields(FitTarget)
+    unknown = sorted(set(fit) - set(allowed))
+    if unknown:
+        raise ConfigError(
+            f"{where}: fit: unknown key {unknown[0]!r}; allowed: {', '.join(allowed)}"
+        )
+    _check_types(field_types(FitTarget), fit, f"{where}: fit")
+    if fmt_name is None:
+        raise ConfigError(f"{where}: a fit needs a format ({can})")
+    try:
+        fmt = get_format(fmt_name)
+        target = FitTarget(**fit)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    if not fmt.fit_family:
+        raise ConfigError(f"{where}: format {fmt_name} cannot hold a fit; use one of {can}")
+    name = name or f"fit-{fmt_name}-{target.name()}"
+    _check_name("variant name", name)
+    return Variant(name, None, None, fmt_name, fmt.options(), fit=target)
 
 
 # what the reference toolkits are given of a method's config (`quantlab.reference.run_reference`)

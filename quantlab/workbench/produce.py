@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from quantlab.errors import QuantlabError
+from quantlab.models.info import linear_shapes
 from quantlab.workbench.config import IMPL, Variant
+
+__all__ = ["Produced", "SharedInputs", "linear_shapes", "preflight", "produce"]
 
 
 @dataclass
@@ -116,26 +119,14 @@ def remove_artifact(path: Path, fmt=None) -> None:
         f.unlink(missing_ok=True)
 
 
-def linear_shapes(model_ref) -> dict[str, tuple[int, int]]:
-    """The (out, in) shape of every quantizable linear, from the safetensors headers."""
-    arch = model_ref.folder.arch
-    return {
-        t.name.removesuffix(".weight"): (t.shape[0], t.shape[1])
-        for t in model_ref.folder.tensors
-        if t.name.startswith(arch.blocks + ".")
-        and len(t.shape) == 2
-        and any(t.name.endswith(f".{name}.weight") for name in arch.linears)
-    }
-
-
 def preflight(variants, model_ref) -> None:
     """Refuse, before any work, variants whose format cannot hold this model's shapes."""
     from quantlab.formats import get_format
 
     shapes = linear_shapes(model_ref)
     for v in variants:
-        if v.format is None or v.impl != IMPL:
-            continue
+        if v.format is None or v.impl != IMPL or v.fit is not None:
+            continue  # (a fit chooses only settings the shapes can hold)
         reason = get_format(v.format).preflight(v.config, v.options, shapes)
         if reason:
             raise QuantlabError(f"variant {v.name}: {reason}")
@@ -179,6 +170,18 @@ def _make(variant: Variant, shared: SharedInputs, out: Path, *, progress: bool):
         return Produced(str(run.out_dir), f"{variant.impl}: {run.format}", seconds, summary)
 
     fmt = get_format(variant.format)
+    if variant.fit is not None:  # the format's best per-tensor mix for a budget
+        from quantlab.fit.build import make_fit
+        from quantlab.formats import detect
+
+        path, plan, _ = make_fit(variant.fit, fmt, shared, Path(out), progress=progress)
+        seconds = time.perf_counter() - start
+        written, options = detect(path)
+        summary = f"fit for {variant.fit.describe()} in {seconds:.1f} s: " + "; ".join(
+            plan.summary_lines()[1:3]
+        )
+        label = written.label(options)
+        return Produced(str(path), label, seconds, summary, fmt.notes(path))
     request = WriteRequest(Path(out), model_ref, variant.options, cache=shared.cache)
     if variant.method is None:  # the format quantizes the unquantized model itself
         if variant.imatrix:
@@ -271,12 +274,15 @@ def write_variant_card(variant: Variant, shared: SharedInputs, made: Produced) -
         calibration = shared.calibration()[1].provenance()
     bits = config.get("bits")
     kind = variant.method or dc.asdict(variant.options).get("gguf_type") or made.format
+    if variant.fit is not None:
+        kind = f"Mixed-precision ({variant.fit.describe()}, measured sensitivity)"
     quantization = {
         "method": variant.method or fmt.name,
         "implementation": variant.impl,
         "config": config or dc.asdict(variant.options),
         "format": made.format,
-        "importance_matrix": variant.imatrix,
+        "importance_matrix": variant.imatrix or variant.fit is not None,
+        **({"fit": dc.asdict(variant.fit)} if variant.fit is not None else {}),
         "calibration": calibration,
         "quantized_by": f"quantlab {__version__}",
     }

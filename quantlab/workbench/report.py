@@ -41,6 +41,14 @@ def row_values(row) -> dict:
         "runtime": m.runtime,
         "speed_runtime": m.speed.runtime if m.speed else None,
     }
+    fit = row.variant_config.get("fit") if isinstance(row.variant_config, dict) else None
+    values["fit"] = fit is not None
+    values["predicted_kld"] = None
+    if fit is not None:
+        from quantlab.fit.build import fit_record
+
+        record = fit_record(row.artifact)
+        values["predicted_kld"] = record.get("predicted_kld") if record else None
     values["stderr"] = {}
     for t in m.tasks:
         values[f"task:{t.task} {t.metric}"] = t.value
@@ -195,6 +203,41 @@ def _plots(values: list[dict], labels: dict, folder: Path, title: str) -> list[t
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         save(fig, "size_vs_ppl.png", "Size vs perplexity; the dashed line joins the Pareto front.")
+    sized = [v for v in values if v["kld"] and v["kld"] > 1e-9 and v["size_mib"]]
+    if any(v["fit"] for v in sized):
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for fitted, style in ((False, dict(color="tab:blue", marker="o", label="uniform")),
+                              (True, dict(color="tab:orange", marker="*", s=120,
+                                          label="fitted (measured)"))):  # fmt: skip
+            group = [v for v in sized if v["fit"] == fitted]
+            if group:
+                xs, ys = [v["size_mib"] for v in group], [v["kld"] for v in group]
+                ax.scatter(xs, ys, zorder=3, **style)
+        predicted = [v for v in sized if v["fit"] and v["predicted_kld"]]
+        if predicted:
+            ax.scatter(
+                [v["size_mib"] for v in predicted],
+                [v["predicted_kld"] for v in predicted],
+                facecolors="none", edgecolors="tab:orange", marker="*", s=120, zorder=3,
+                label="fitted (predicted)",
+            )  # fmt: skip
+        for v in sized:
+            ax.annotate(
+                v["variant"], (v["size_mib"], v["kld"]), textcoords="offset points",
+                xytext=(4, 4), fontsize=7,
+            )  # fmt: skip
+        ax.set_yscale("log")
+        ax.set_xlabel("size on disk (MiB)")
+        ax.set_ylabel(f"mean KL divergence, log scale ({labels.get('kld', '')})", fontsize=7)
+        ax.set_title(f"{title}: KLD vs size, uniform and fitted")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+        save(
+            fig,
+            "kld_vs_size.png",
+            "Mean KLD vs size: each point an artifact measured by the harness; fitted mixes "
+            "(stars) beside the uniform ones, with the KLD their fit predicted (hollow).",
+        )
     kl = [(v["variant"], v["kld"]) for v in values if v["kld"] is not None and v["kld"] > 1e-9]
     if kl:
         fig, ax = plt.subplots(figsize=(8, 0.5 * len(kl) + 1.5))
