@@ -78,8 +78,11 @@ class GPTQFormat(HFCheckpointFormat):
 
         if not summaries:
             raise FormatError("nothing was quantized: no linear to write")
-        if len({(q.sym, q.act_order) for q in summaries.values()}) != 1:
-            raise FormatError("gptq checkpoints need one sym/act_order for every linear")
+        if len({q.sym for q in summaries.values()}) != 1:
+            raise FormatError(
+                "gptq checkpoints need one sym for every linear (bits and group size "
+                "may differ per module)"
+            )
 
     def options_for(self, config) -> dict:
         # v1 cannot store a zero point of 0, which asymmetric results usually have somewhere
