@@ -1,6 +1,10 @@
 """Screenshot the app's Compare tab over a results store (regenerates docs/app-compare.png).
 
     python bench/app_screenshot.py [--store results/quantlab.db] [--out docs/app-compare.png]
+    python bench/app_screenshot.py --tab Fit --store results/quantlab.db --out docs/app-fit.png
+
+(``--tab Fit``: the Fit tab's fitted artifacts, bits per layer and predicted vs measured KLD; the
+artifacts the store names must still be on disk.)
 
 Copies the store into a temporary app workspace, starts the app there on a free local port,
 opens the Compare tab in Debian's Chromium through Playwright and saves a full-page screenshot.
@@ -45,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default="results/quantlab.db")
     p.add_argument("--out", default=str(ROOT / "docs" / "app-compare.png"))
     p.add_argument("--width", type=int, default=1400)
+    p.add_argument("--tab", choices=["Compare", "Fit"], default="Compare")
     args = p.parse_args(argv)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -73,11 +78,13 @@ def main(argv: list[str] | None = None) -> int:
                 browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
                 page = browser.new_page(viewport={"width": args.width, "height": 1000})
                 page.goto(url)
-                page.get_by_role("tab", name="Compare").click()
-                page.locator("#refresh").click()
-                expect(page.locator("#size-plot .scatterlayer .point").first).to_be_visible(
-                    timeout=60_000
-                )
+                page.get_by_role("tab", name=args.tab).click()
+                if args.tab == "Compare":
+                    page.locator("#refresh").click()
+                    shown = page.locator("#size-plot .scatterlayer .point").first
+                else:
+                    shown = page.locator("#bits-plot .scatterlayer .point").first
+                expect(shown).to_be_visible(timeout=60_000)
                 time.sleep(1.0)  # let the other plots finish drawing
                 Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 page.screenshot(path=args.out, full_page=True)

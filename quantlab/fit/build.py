@@ -159,21 +159,30 @@ class FitPlan:
             "allocated_bytes": self.allocation.nbytes,
             "budget_bytes": self.allocation.budget,
             "bits_per_weight": round(self.bits_per_weight, 4),
-            "counts": self.allocation.counts(),
+            "counts": self.counts(),
             "layer_bits": {str(k): round(v, 4) for k, v in self.layer_bits().items()},
             "settings": self.settings(),
         }
 
+    def counts(self) -> dict[str, int]:
+        """How many tensors get each setting, most first."""
+        out: dict[str, int] = {}
+        for key in self.settings().values():
+            out[key] = out.get(key, 0) + 1
+        return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
     def summary_lines(self) -> list[str]:
-        counts = ", ".join(f"{n} {k}" for k, n in self.allocation.counts().items())
-        how = "measured sensitivity" if self.measured else "prior (no sensitivity measured)"
+        counts = ", ".join(f"{n} {k}" for k, n in self.counts().items())
         lines = [
             f"target: {self.target.describe()} -> {self.allocation.budget / 2**20:.1f} MiB for "
             f"the {len(self.units)} quantized tensors (+ {self.fixed_bytes / 2**20:.1f} MiB of "
             "other tensors and metadata)",
             f"chosen: {self.allocation.nbytes / 2**20:.1f} MiB, {self.bits_per_weight:.3f} "
             f"bits/weight; {counts}",
-            f"predicted KLD {self.predicted_kld:.5f} ({how})",
+            f"predicted KLD {self.predicted_kld:.5f} (measured sensitivity)"
+            if self.measured
+            else "no sensitivity measured: the prior's choice (every tensor equally sensitive, "
+            "error ~ 2^(-2 x bits)), not a KLD prediction",
         ]
         return lines + [f"note: {n}" for n in self.notes]
 
