@@ -452,3 +452,16 @@ def test_quantlab_fit_gguf_on_the_default_model_end_to_end(
     mix = {t for t in written.values() if t != "F32"}
     assert mix == set(fit["settings"].values())
     assert row.metrics.kld.mean > 0
+
+
+def test_size_of_finds_the_artifact_not_the_files_beside_it(tmp_path):
+    from quantlab.fit.build import resolve_size_of
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "gguf-Q5_K_M.imatrix.gguf").write_bytes(b"GGUF" + b"\0" * 60)  # beside it
+    (folder / "gguf-Q5_K_M.gguf").write_bytes(b"GGUF" + b"\0" * 1000)
+    target = resolve_size_of(FitTarget(size_of="gguf-Q5_K_M"), folder / "fit.gguf")
+    assert target.size == "1004B" and target.size_of is None
+    with pytest.raises(QuantlabError, match="no artifact of that name"):
+        resolve_size_of(FitTarget(size_of="gguf-Q9"), folder / "fit.gguf")

@@ -385,12 +385,14 @@ def build_fit(plan: FitPlan, fmt, shared, out: Path, *, progress: bool = True):
 def resolve_size_of(target: FitTarget, out: Path) -> FitTarget:
     """``target`` with ``size_of`` replaced by that artifact's size: a variant of the same run
     (an artifact beside ``out`` with that name) or a path."""
-    from quantlab.formats import detect
+    from quantlab.formats import detect, formats
 
     if target.size_of is None:
         return target
     name = target.size_of
-    candidates = [Path(name), Path(out).parent / name, *Path(out).parent.glob(f"{name}.*")]
+    # a path, or where the sweep puts a variant's artifact: <folder>/<name><format suffix>
+    suffixes = dict.fromkeys(f.suffix for f in formats() if f.writable)
+    candidates = [Path(name), *(Path(out).parent / f"{name}{suffix}" for suffix in suffixes)]
     for path in candidates:
         found = detect(path) if path.exists() else None
         if found is not None:  # a file's own size (GGUF: with its metadata), a folder's tensors
