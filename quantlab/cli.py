@@ -962,7 +962,13 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--size-of", metavar="ARTIFACT", help="the size of this artifact")
     p.add_argument("--context", type=int, default=4096, help="context length for --vram")
     p.add_argument("--batch", type=int, default=1, help="batch for --vram")
-    p.add_argument("--group-size", type=int, default=128, help="GPTQ fits: the group size")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=None,
+        help="GPTQ fits: one group size for every module (default: each module's own among "
+        "32, 64, 128)",
+    )
     p.add_argument(
         "--exclude",
         default="",

@@ -54,7 +54,13 @@ def test_candidates_skip_what_a_width_cannot_hold():
     narrow_types = {s.key for s in candidate_settings(narrow, "ggml")}
     assert "Q4_K" not in narrow_types and {"Q4_0", "IQ4_NL", "Q8_0"} <= narrow_types
     assert {"Q2_K", "Q4_K", "Q6_K", "Q4_0"} <= {s.key for s in candidate_settings(wide, "ggml")}
-    assert [s.bits for s in candidate_settings(narrow, "int", group_size=64)] == [2, 3, 4, 8]
+    assert [s.key for s in candidate_settings(narrow, "int", group_sizes=(64, 32))][:5] == [
+        "w2g64",
+        "w3g64",
+        "w4g64",
+        "w8g64",
+        "w2g32",
+    ]
     with pytest.raises(ConfigError, match="unknown setting family"):
         candidate_settings(narrow, "fp8")
 

@@ -33,6 +33,7 @@ from quantlab.fit.allocate import Allocation, Option, allocate
 from quantlab.fit.candidates import Setting, Unit, candidate_settings
 
 BUDGETS = ("bpw", "size", "size_of", "vram")
+FIT_GROUPS = (32, 64, 128)  # group sizes a GPTQ fit chooses among (GPTQModel's dynamic holds them)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ class FitTarget:
     size_of: str | None = None
     context: int = 4096
     batch: int = 1
-    group_size: int = 128  # GPTQ fits: the group size of every module
+    # GPTQ fits: one group size for every module, or None: each module's own among FIT_GROUPS
+    group_size: int | None = None
     exclude: tuple[str, ...] = ()  # settings the fit may not choose (Q4_1, w2g128, ...)
     version: int = 1
 
@@ -66,11 +68,15 @@ class FitTarget:
                 parse_size(getattr(self, key))  # a clear error for a bad size
         if self.context < 1 or self.batch < 1:
             raise ConfigError("fit: context and batch must be >= 1")
-        if self.group_size != -1 and self.group_size < 1:
+        if self.group_size is not None and self.group_size != -1 and self.group_size < 1:
             raise ConfigError(f"fit: group_size must be -1 or >= 1, got {self.group_size}")
         if isinstance(self.exclude, str) or not all(isinstance(k, str) for k in self.exclude):
             raise ConfigError("fit: exclude is a list of setting names (Q4_1, w2g128, ...)")
         object.__setattr__(self, "exclude", tuple(self.exclude))
+
+    def group_sizes(self) -> tuple[int, ...]:
+        """The group sizes a GPTQ fit may give a module."""
+        return FIT_GROUPS if self.group_size is None else (self.group_size,)
 
     def describe(self) -> str:
         if self.bpw is not None:
@@ -231,7 +237,7 @@ def plan_fit(
         per = [
             {
                 s.key: s
-                for s in candidate_settings(u, family, group_size=target.group_size)
+                for s in candidate_settings(u, family, group_sizes=target.group_sizes())
                 if s.key not in target.exclude
             }
             for u in members
@@ -419,7 +425,7 @@ def make_fit(target: FitTarget, fmt, shared, out: Path, *, progress: bool = True
     cache = settings.cache_dir(shared.cache)
     _, calibration = shared.calibration()
     values, _rows = shared.imatrix()
-    groups = (target.group_size,) if family == "int" else SensitivityConfig().group_sizes
+    groups = target.group_sizes() if family == "int" else SensitivityConfig().group_sizes
     config = SensitivityConfig(families=(family,), group_sizes=groups)
     from quantlab.fingerprint import content_sha256
     from quantlab.fit.sensitivity import stored_sensitivity

@@ -13,9 +13,9 @@ Settings (`Setting`):
   otherwise fall back to another type): on the width-576 default model that leaves the block-32
   types for every tensor but ``ffn_down`` (width 1536, a multiple of 256). Bytes: ggml's block
   arithmetic (``gguf.GGML_QUANT_SIZES``), exact.
-- ``int`` family: ``bits`` 2/3/4/8 at one group size, as GPTQ/RTN store it: packed codes, an fp16
-  scale and a ``bits``-wide zero point per group and row, an int32 ``g_idx`` per input column
-  (`quantlab.formats.layouts`), exact.
+- ``int`` family: ``bits`` 2/3/4/8 at a group size (32/64/128), as GPTQ/RTN store it: packed
+  codes, an fp16 scale and a ``bits``-wide zero point per group and row, an int32 ``g_idx`` per
+  input column (`quantlab.formats.layouts`), exact.
 """
 
 from __future__ import annotations
@@ -141,14 +141,15 @@ def _order(name: str, arch) -> tuple[int, int]:
 
 
 def candidate_settings(
-    unit: Unit, family: str, *, group_size: int = 128, types=GGUF_FIT_TYPES, bits=INT_FIT_BITS
+    unit: Unit, family: str, *, group_sizes=(128,), types=GGUF_FIT_TYPES, bits=INT_FIT_BITS
 ) -> list[Setting]:
-    """The settings ``unit`` can be stored in, in ``family``."""
+    """The settings ``unit`` can be stored in, in ``family`` (integer bits at each of
+    ``group_sizes``)."""
     out, cols = unit.shape
     if family == "ggml":
         options = [Setting("ggml", type_name=t) for t in types]
     elif family == "int":
-        options = [Setting("int", bits=b, group_size=group_size) for b in bits]
+        options = [Setting("int", bits=b, group_size=g) for g in group_sizes for b in bits]
     else:
         raise ConfigError(f"unknown setting family {family!r}; known: {', '.join(FAMILIES)}")
     return [s for s in options if s.fits(out, cols)]

@@ -371,7 +371,7 @@ def measure_sensitivity(
             if fam == "int" and unit.layer < 0:
                 continue  # integer checkpoints keep the embedding and head in 16 bits
             for group in config.group_sizes if fam == "int" else (0,):
-                for s in candidate_settings(unit, fam, group_size=group):
+                for s in candidate_settings(unit, fam, group_sizes=(group,)):
                     pairs.append((unit.name, s.key))
     found = path if path.is_file() else partial if partial.is_file() else None
     if found is not None:
