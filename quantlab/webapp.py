@@ -213,7 +213,7 @@ def fit_figures(ws: Workspace, run: str = "all"):
                                   name=row.variant))  # fmt: skip
         measured = row.metrics.kld.mean if row.metrics.kld else None
         predicted = record.get("predicted_kld")
-        if measured is not None and predicted is not None:
+        if measured and predicted:  # (log axes: a prediction of 0 is listed, not plotted)
             points.append((predicted, measured, row.variant))
         counts = ", ".join(f"{n} {k}" for k, n in record.get("counts", {}).items())
         lines.append(
@@ -227,11 +227,25 @@ def fit_figures(ws: Workspace, run: str = "all"):
         kld.add_trace(go.Scatter(x=[p[0] for p in points], y=[p[1] for p in points],
                                  mode="markers+text", text=[p[2] for p in points],
                                  textposition="top center", name="fits"))  # fmt: skip
+        low = min(min(p[0], p[1]) for p in points)
         top = max(max(p[0], p[1]) for p in points)
-        kld.add_trace(go.Scatter(x=[0, top], y=[0, top], mode="lines", name="predicted = measured",
-                                 line={"dash": "dash"}))  # fmt: skip
-    kld.update_layout(title="predicted vs measured KLD", xaxis_title="predicted",
-                      yaxis_title="measured (harness)", height=360)  # fmt: skip
+        kld.add_trace(
+            go.Scatter(
+                x=[low, top],
+                y=[low, top],
+                mode="lines",
+                name="predicted = measured",
+                line={"dash": "dash"},
+            )
+        )
+    kld.update_layout(
+        title="predicted vs measured KLD (log)",
+        xaxis_title="predicted",
+        yaxis_title="measured (harness)",
+        xaxis_type="log",
+        yaxis_type="log",
+        height=360,
+    )
     text = "\n".join(lines) if lines else "no fitted artifacts stored yet"
     return bits, kld, text
 

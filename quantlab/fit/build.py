@@ -25,6 +25,7 @@ and the kind of mix, not a measured optimum.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -244,6 +245,15 @@ def plan_fit(
         ]
         common = [k for k in per[0] if all(k in p for p in per[1:])]
         options = []
+        if sensitivity is not None:  # the settings it measured
+            common = [
+                k for k in common if all(k in sensitivity.units[u.name].errors for u in members)
+            ]
+            if not common:
+                raise QuantlabError(
+                    f"the sensitivity measured no {family} setting for {key}: measure them with "
+                    f"quantlab sensitivity MODEL --families {family}"
+                )
         for k in common:
             s = per[0][k]
             if sensitivity is not None:
@@ -305,17 +315,10 @@ def fixed_bytes_of(model_ref, family: str, units: list[Unit], cache) -> int:
     for t in model_ref.folder.tensors:
         if t.name in allocated or (tied and t.name == model_ref.folder.arch.lm_head + ".weight"):
             continue
-        total += 2 * int(_numel(t.shape))
+        total += 2 * math.prod(int(d) for d in t.shape)
     if tied and not any(t.name == embed for t in model_ref.folder.tensors):
         raise QuantlabError(f"{model_ref.path}: no {embed} tensor")
     return total
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 def config_units(config: dict, family: str) -> tuple[list[Unit], object, int]:
@@ -415,7 +418,13 @@ def make_fit(target: FitTarget, fmt, shared, out: Path, *, progress: bool = True
     calibration set, then read from the cache), the allocation, the artifact. Returns
     ``(path, plan, result)``."""
     from quantlab import settings
-    from quantlab.fit.sensitivity import SensitivityConfig, measure_sensitivity, sensitivity_path
+    from quantlab.fingerprint import content_sha256
+    from quantlab.fit.sensitivity import (
+        SensitivityConfig,
+        measure_sensitivity,
+        sensitivity_path,
+        stored_sensitivity,
+    )
 
     family = fmt.fit_family
     if family is None:
@@ -427,9 +436,6 @@ def make_fit(target: FitTarget, fmt, shared, out: Path, *, progress: bool = True
     values, _rows = shared.imatrix()
     groups = target.group_sizes() if family == "int" else SensitivityConfig().group_sizes
     config = SensitivityConfig(families=(family,), group_sizes=groups)
-    from quantlab.fingerprint import content_sha256
-    from quantlab.fit.sensitivity import stored_sensitivity
-
     stored = stored_sensitivity(cache, content_sha256(model_ref.path), calibration.sha256)
     if stored is not None:  # reuse what was measured (extended to this fit's settings)
         c = stored.config

@@ -228,15 +228,16 @@ def _plots(values: list[dict], labels: dict, folder: Path, title: str) -> list[t
             )  # fmt: skip
         ax.set_yscale("log")
         ax.set_xlabel("size on disk (MiB)")
-        ax.set_ylabel(f"mean KL divergence, log scale ({labels.get('kld', '')})", fontsize=7)
+        ax.set_ylabel("mean KL divergence from the unquantized model (log scale)", fontsize=8)
         ax.set_title(f"{title}: KLD vs size, uniform and fitted")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
         save(
             fig,
             "kld_vs_size.png",
-            "Mean KLD vs size: each point an artifact measured by the harness; fitted mixes "
-            "(stars) beside the uniform ones, with the KLD their fit predicted (hollow).",
+            "Mean KLD vs size: each point an artifact measured by the harness "
+            f"({labels.get('kld', '')}); fitted mixes (stars) beside the uniform ones, with the "
+            "KLD their fit predicted (hollow).",
         )
     kl = [(v["variant"], v["kld"]) for v in values if v["kld"] is not None and v["kld"] > 1e-9]
     if kl:
