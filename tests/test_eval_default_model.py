@@ -16,8 +16,11 @@ pytestmark = pytest.mark.slow
 needs_llama_cpp = pytest.mark.skipif(
     importlib.util.find_spec("llama_cpp") is None, reason="needs llama-cpp-python"
 )
-# llama-perplexity -f wiki.test.raw -c 512 --chunks 16 on the F16 GGUF (shared/FACTS.md)
+# llama-perplexity -f wiki.test.raw -c 512 --chunks 16 on the F16 GGUF (shared/FACTS.md). The
+# last digit depends on the CPU kernels llama.cpp was built with (GGML_NATIVE): 29.2474 on the
+# machine of FACTS.md, 29.2477 on another (2026-12-01); quantlab matched each machine's own run.
 LLAMA_PERPLEXITY_F16 = 29.2474
+LLAMA_CPU_SPREAD = 5e-4
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +76,7 @@ def test_llamacpp_protocol_reproduces_llama_perplexity(gguf_files, wikitext, hf)
         assert np.array_equal(ours, theirs)
     finally:
         runner.close()
-    assert result.ppl == pytest.approx(LLAMA_PERPLEXITY_F16, abs=1e-4)  # it prints 4 decimals
+    assert result.ppl == pytest.approx(LLAMA_PERPLEXITY_F16, abs=LLAMA_CPU_SPREAD)
 
 
 @needs_llama_cpp
