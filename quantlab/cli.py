@@ -218,6 +218,7 @@ def cmd_eval(args) -> None:
             reference=args.reference,
             data_root=args.data_root,
             cache=args.cache,
+            device=args.device,
         )
         add_card_evaluation(args.target, metrics, args.reference)
     _print_metrics(metrics)
@@ -227,6 +228,39 @@ def cmd_eval(args) -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(metrics.to_json() + "\n")
         print(f"wrote {args.json}")
+
+
+def cmd_synthetic(args) -> None:
+    """``quantlab synthetic SHAPE --out DIR``: a random model with a real architecture's shapes."""
+    from quantlab.models.synthetic import SHAPES, shape_spec, synthetic_bytes, write_shape
+
+    if args.shape == "list":
+        for name, spec in SHAPES.items():
+            gib = synthetic_bytes(**spec.kwargs()) / 2**30
+            print(f"{name:<14} {spec.parameters() / 1e9:6.2f} B params, {gib:6.1f} GiB in bf16 "
+                  f"({spec.source})")  # fmt: skip
+        return
+    spec = shape_spec(args.shape)
+    out = Path(args.out or f"synthetic-{args.shape}")
+    if out.exists():
+        raise QuantlabError(f"{out} already exists; remove it or choose another --out")
+    layers = args.layers or spec.layers
+    kwargs = {**spec.kwargs(), "layers": layers, "itemsize": 2 if args.dtype != "float32" else 4}
+    need = synthetic_bytes(**kwargs)
+    import shutil
+
+    free = shutil.disk_usage(out.resolve().parent if out.resolve().parent.exists() else ".").free
+    if need > free:
+        raise QuantlabError(
+            f"{args.shape} needs {need / 2**30:.1f} GiB and {out.parent} has {free / 2**30:.1f} "
+            "GiB free; use --layers to write fewer blocks"
+        )
+    write_shape(args.shape, out, layers=args.layers, dtype=args.dtype, seed=args.seed,
+                progress=True)  # fmt: skip
+    print(
+        f"wrote {out}: {args.shape} shapes ({spec.source}), {layers} blocks, random {args.dtype} "
+        f"weights ({need / 2**30:.1f} GiB) - for time and memory, not quality"
+    )
 
 
 def cmd_convert(args) -> None:
@@ -393,9 +427,13 @@ def cmd_quantize(args) -> None:
             data_root=args.data_root,
             cache=args.cache,
             log=say,
+            device=args.device,
+            offload=bool(args.offload),
         )
         made = produce(variant, shared, out)
     print(made.summary)
+    if made.stages_line():
+        print(made.stages_line())
     for note in made.notes:
         print(f"note: {note}")
     print(
@@ -440,6 +478,12 @@ def cmd_run(args) -> None:
     from quantlab.workbench.store import ResultStore
 
     config = load_run_config(args.config)
+    changes = {"device": args.device, "offload": args.offload}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if changes:
+        import dataclasses
+
+        config = dataclasses.replace(config, **changes)
     store_path = args.store or config.store
     resources = _task_resources(args)
     log = Path(args.output or config.output) / config.name / "quantlab.log"
@@ -669,6 +713,7 @@ def cmd_fit(args) -> None:
         ),
         output=args.out,
         store=args.store,
+        device=args.device,
     )
     log = Path(args.out) / args.name / "quantlab.log"
     with session(log, verbose=args.verbose, inner_bars=True):
@@ -741,6 +786,26 @@ def _resolve_plain(args):
     from quantlab.models import resolve_model
 
     return resolve_model(args.model, cache=args.cache)
+
+
+def device_arg(p: argparse.ArgumentParser, default: str | None = "auto", offload=False) -> None:
+    """``--device`` (and ``--offload``) of a command that runs models."""
+    from quantlab.devices import DEVICE_CHOICES
+
+    p.add_argument(
+        "--device",
+        default=default,
+        help=f"where to compute: {DEVICE_CHOICES}"
+        + (f" (default {default})" if default else " (default: the run config's, else auto)"),
+    )
+    if offload:
+        p.add_argument(
+            "--offload",
+            action="store_true",
+            default=None,
+            help="keep the calibration activations between blocks on the CPU (a GPU then holds "
+            "one block and one chunk of activations: for calibration sets larger than its memory)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -876,6 +941,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the embedded pydoc corpus if a corpus is unavailable",
     )
     p.add_argument("--json", metavar="PATH", help="also write the metrics as JSON")
+    device_arg(p)
     p.set_defaults(func=cmd_eval)
 
     sub.add_parser("app", help="start the web app (quantlab app --help for its options)")
@@ -884,6 +950,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", help="results database (default: the config's store)")
     p.add_argument("--output", help="artifacts folder (default: the config's output)")
     p.add_argument("--progress-file", help="keep a JSON progress record here (for front ends)")
+    device_arg(p, default=None, offload=True)
     p.add_argument(
         "--wait",
         action="store_true",
@@ -912,6 +979,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default="results/quantlab.db", help="results database")
     p.add_argument("--out", help="report folder (default: out/<run>/report)")
     p.set_defaults(func=cmd_report)
+    p = sub.add_parser(
+        "synthetic",
+        help="write a random model with a real architecture's shapes (time and memory at scale)",
+    )
+    p.add_argument("shape", help="llama-3-8b, qwen2.5-7b, ... ('list' lists them)")
+    p.add_argument("--out", help="folder to write (default: synthetic-SHAPE)")
+    p.add_argument("--layers", type=int, help="write only this many blocks (default: all)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synthetic)
+
     p = sub.add_parser("verify", help="check an artifact: manifest, checksums, shapes, loading")
     p.add_argument("artifact", help="a checkpoint folder or a .gguf file")
     p.set_defaults(func=cmd_verify)
@@ -987,6 +1065,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="WikiText-2 test tokens the fitted artifact is evaluated on (perplexity, KLD)",
     )
     p.add_argument("--name", default="fit", help="run name in the results store (fit)")
+    device_arg(p)
     p.add_argument("--out", default="out", help="output folder: <out>/<name>/<variant>")
     p.add_argument("--store", default="results/quantlab.db", help="results database")
     p.set_defaults(func=cmd_fit)
@@ -1035,6 +1114,7 @@ def build_parser() -> argparse.ArgumentParser:
         "safetensors shards (for models larger than memory; formats written block by block)",
     )
     p.add_argument("--out", required=True, help="artifact to write (a folder, or a .gguf file)")
+    device_arg(p, offload=True)
     settings = p.add_argument_group("method and format settings (each flag: who has it)")
     p.set_defaults(setting_flags=_add_setting_flags(settings))
     p.set_defaults(func=cmd_quantize)

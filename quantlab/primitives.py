@@ -76,9 +76,9 @@ def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bit
     return torch.clamp(torch.round(w.float() / scale) + zero, 0, 2**bits - 1)
 
 
-def natural_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+def natural_g_idx(in_features: int, group_size: int, device=None) -> torch.Tensor:
     size = group_size if group_size > 0 else in_features
-    return torch.arange(in_features, dtype=torch.int32) // size
+    return torch.arange(in_features, dtype=torch.int32, device=device) // size
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
@@ -102,7 +102,7 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> Quan
     codes = torch.cat([p[0] for p in parts], dim=1).to(torch.uint8)
     scales = torch.cat([p[1] for p in parts], dim=1)
     zeros = torch.cat([p[2] for p in parts], dim=1).to(torch.uint8)
-    g_idx = natural_g_idx(cols, group_size)
+    g_idx = natural_g_idx(cols, group_size, w.device)
     return QuantizedWeight(codes, scales, zeros, g_idx, bits, group_size, sym, dtype)
 
 

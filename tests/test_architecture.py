@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent / "quantlab"
 LAYERS = {
     "quantlab.errors": 0,
     "quantlab.settings": 0,
+    "quantlab.devices": 0,
     "quantlab.atomic": 0,
     "quantlab.fingerprint": 0,
     "quantlab.types": 0,

@@ -148,12 +148,15 @@ def open_runner(
     cache=None,
     gguf_runtime: str = "llama.cpp",
     kernels: bool = False,
+    device: str = "cpu",
 ):
     """A `LogitsRunner` for ``target`` and the path to measure: an artifact of any registered
     format (in its own runtime - llama.cpp for a ``.gguf`` - or, with ``gguf_runtime="torch"``,
     dequantized into transformers, for weight-quality numbers on the same arithmetic as every
     other target) or any model spec (transformers). ``kernels``: quantized linears through the
-    fastest kernels on the device (`HFRunner.use_fast_runtime`; its ``runtime`` says which)."""
+    fastest kernels on the device (`HFRunner.use_fast_runtime`; its ``runtime`` says which).
+    ``device``: where a transformers model runs (a resolved torch device); llama.cpp runs where
+    llama-cpp-python was built to (`quantlab.eval.runners.llama_cpp_device`)."""
     from quantlab.eval.runners import HFRunner, LlamaCppRunner
     from quantlab.formats import detect
     from quantlab.models import load_model, load_tokenizer, resolve_model
@@ -163,14 +166,15 @@ def open_runner(
         fmt, _ = found
         if fmt.runtime != "transformers" and gguf_runtime == fmt.runtime:
             fmt.check(Path(target), fmt.runtime)  # a corrupt or alien file fails here
-            return LlamaCppRunner(target, n_ctx=n_ctx), Path(target)
+            return LlamaCppRunner(target, n_ctx=n_ctx, device=device), Path(target)
         hf_model, _ = fmt.load(Path(target), dtype=dtype, cache=cache)
-        runner = HFRunner(hf_model, fmt.tokenizer(Path(target), cache), target)
+        runner = HFRunner(hf_model.to(device), fmt.tokenizer(Path(target), cache), target)
         if kernels:
             runner.use_fast_runtime()
         return runner, Path(target)
     model = resolve_model(target, cache=cache)
-    runner = HFRunner(load_model(model, dtype=dtype), load_tokenizer(model), target)
+    hf = load_model(model, dtype=dtype, device=device)
+    runner = HFRunner(hf, load_tokenizer(model), target)
     return runner, model.path
 
 
@@ -202,7 +206,9 @@ def _reference_path(spec: str, cache: Path) -> Path:
     return resolve_model(spec, cache=cache).path
 
 
-def _reference(spec: str, windows, cache: Path, stage_seconds: dict, target_runner, target_sha):
+def _reference(
+    spec: str, windows, cache: Path, stage_seconds: dict, target_runner, target_sha, device="cpu"
+):
     """The reference's distributions on ``windows``: cached on disk, recorded during the target's
     own pass when the target is the reference, or computed by running the reference."""
     ref_sha = content_sha256(_reference_path(spec, cache))
@@ -213,7 +219,7 @@ def _reference(spec: str, windows, cache: Path, stage_seconds: dict, target_runn
     if ref_sha == target_sha and recordable:  # (a .gguf reference always runs in llama.cpp)
         return ReferenceRecorder(target_runner, windows), cached
     start = time.perf_counter()
-    runner, _ = open_runner(spec, n_ctx=windows.ids.shape[1], cache=cache)
+    runner, _ = open_runner(spec, n_ctx=windows.ids.shape[1], cache=cache, device=device)
     reference = build_reference(runner, windows, progress=_progress(f"reference {spec}"))
     if isinstance(reference, CachedReference):
         reference.save(cached)
@@ -230,21 +236,27 @@ def evaluate(
     reference: str | None = None,
     data_root=None,
     cache=None,
+    device: str = "cpu",
 ) -> Metrics:
-    """Measure ``target`` (a model spec, folder or ``.gguf`` file) as ``config`` says."""
+    """Measure ``target`` (a model spec, folder or ``.gguf`` file) as ``config`` says, on
+    ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``; transformers models: the model, its
+    quantized linears' kernels and lm-eval run there; memory is measured there)."""
+    from quantlab.devices import resolve_device
     from quantlab.eval.lmeval import hf_lm, llama_cpp_lm, run_lm_eval
 
+    device = resolve_device(device)
     cache_root = settings.cache_dir(cache)
     stages: dict[str, float] = {}
     n_ctx = max([2048] + [p.n_ctx for p in config.perplexity])
     start = time.perf_counter()
-    with peak_memory() as memory:
+    with peak_memory(device) as memory:
         runner, path = open_runner(
             target,
             n_ctx=n_ctx,
             dtype=config.dtype,
             cache=cache,
             gguf_runtime=config.gguf_runtime,
+            device=device,
         )
         stages["load"] = time.perf_counter() - start
         metrics = Metrics(target, runner.runtime, content_sha256(path), reference=reference)
@@ -276,6 +288,7 @@ def evaluate(
                         stages,
                         runner,
                         metrics.target_sha256,
+                        device,
                     )
                     t0 = time.perf_counter()
                     ppl, kld = evaluate_against_reference(runner, windows, ref, _progress(label))

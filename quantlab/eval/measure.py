@@ -4,7 +4,10 @@
   read from the GGUF tensor table or the safetensors headers (no weights loaded).
 - Memory: peak resident memory (RSS) of this process while a block of work runs. On Linux the peak
   is reset before the block by writing ``5`` to ``/proc/self/clear_refs`` and read from ``VmHWM``
-  after it; on a GPU, ``torch.cuda.max_memory_allocated`` over the same block.
+  after it; on a GPU (the device the work ran on), ``torch.cuda.max_memory_allocated`` and
+  ``max_memory_reserved`` over the same block - measured VRAM, not an estimate - and, where NVML
+  is available, the whole process's device memory as the driver sees it (CUDA context and any
+  allocator torch does not own included), read at the end of the block.
 - Speed: prefill tokens/s (one prompt of ``prompt_tokens``) and decode tokens/s (``decode_tokens``
   greedy steps with the KV cache), each the median of ``runs`` timed runs after one warm-up, in the
   artifact's native runtime (llama.cpp for GGUF, torch otherwise), with the thread count recorded.
@@ -84,6 +87,16 @@ class MemoryResult:
     peak_rss_bytes: int | None = None  # process peak RSS during the block (Linux)
     cuda_peak_bytes: int | None = None  # torch max allocated during the block (GPU)
     note: str = ""
+    cuda_reserved_bytes: int | None = None  # torch max reserved (the caching allocator's pool)
+    process_device_bytes: int | None = None  # NVML: the process's device memory at the end
+    device: str | None = None  # where the measured work ran ("cpu", "cuda:0 (NVIDIA H200)")
+
+    @property
+    def vram_bytes(self) -> int | None:
+        """The measured VRAM of the work: what the process held on the GPU at its peak (torch's
+        reserved pool, or NVML's count when larger: it includes the CUDA context)."""
+        values = [v for v in (self.cuda_reserved_bytes, self.process_device_bytes) if v]
+        return max(values) if values else self.cuda_peak_bytes
 
 
 def _read_hwm() -> int | None:
@@ -97,8 +110,11 @@ def _read_hwm() -> int | None:
 
 
 @contextmanager
-def peak_memory() -> Iterator[MemoryResult]:
-    """Measure the peak memory of the enclosed block (see module doc)."""
+def peak_memory(device: str | None = None) -> Iterator[MemoryResult]:
+    """Measure the peak memory of the enclosed block (see module doc) on ``device`` (default:
+    the current GPU when torch sees one)."""
+    from quantlab.devices import device_label, is_gpu, process_device_memory
+
     result = MemoryResult()
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -106,25 +122,25 @@ def peak_memory() -> Iterator[MemoryResult]:
     except OSError:
         reset = False
         result.note = "peak RSS since process start (could not reset the counter)"
-    cuda = False
-    try:
-        import torch
+    import torch
 
-        cuda = torch.cuda.is_available()
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-    except ImportError:  # pragma: no cover - torch is a core dependency
-        pass
+    if device is None:
+        device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    cuda = is_gpu(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     yield result
     result.peak_rss_bytes = _read_hwm()
     if result.peak_rss_bytes is None and not reset:
         import resource
 
         result.peak_rss_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result.device = device_label(device)
     if cuda:
-        import torch
-
-        result.cuda_peak_bytes = int(torch.cuda.max_memory_allocated())
+        torch.cuda.synchronize(device)
+        result.cuda_peak_bytes = int(torch.cuda.max_memory_allocated(device))
+        result.cuda_reserved_bytes = int(torch.cuda.max_memory_reserved(device))
+        result.process_device_bytes = process_device_memory(device)
 
 
 @dataclass(frozen=True)

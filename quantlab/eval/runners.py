@@ -170,12 +170,30 @@ class HFRunner(HFTokenizer):
         return weight, bias
 
 
+def llama_cpp_gpu() -> bool:
+    """Whether the installed llama-cpp-python was built with GPU offload (CUDA, Metal, ...)."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return False
+    supports = getattr(llama_cpp, "llama_supports_gpu_offload", None)
+    return bool(supports()) if supports is not None else False
+
+
 class LlamaCppRunner:
-    """A GGUF file run by llama.cpp through llama-cpp-python, with every position's logits."""
+    """A GGUF file run by llama.cpp through llama-cpp-python, with every position's logits.
+    With ``device`` a GPU and a llama-cpp-python built with GPU offload, every layer runs on the
+    GPU (``runtime`` says ``llama.cpp (GPU)``); otherwise on the CPU, whatever ``device`` says."""
 
     runtime = "llama.cpp"
 
-    def __init__(self, path: str | os.PathLike, n_ctx: int = 2048, n_threads: int | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        device: str = "cpu",
+    ):
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -187,8 +205,12 @@ class LlamaCppRunner:
             raise QuantlabError(f"GGUF file {path} does not exist")
         self.path, self.name = path, path.name
         self.n_ctx = n_ctx
+        gpu = str(device).startswith("cuda") and llama_cpp_gpu()
+        if gpu:
+            self.runtime = "llama.cpp (GPU)"
         try:
             self.llm = Llama(
+                n_gpu_layers=-1 if gpu else 0,
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_batch=n_ctx,

@@ -382,6 +382,7 @@ def build_fit(plan: FitPlan, fmt, shared, out: Path, *, progress: bool = True):
     result = quantize_model(
         model, model_ref.folder.arch, spec.name, config, calibration,
         calib_dtype=shared.calibration_config.dtype, progress=progress, overrides=overrides,
+        device=shared.device, offload=shared.offload,
     )  # fmt: skip
     options = fmt.options(**fmt.options_for(config))
     request = WriteRequest(

@@ -80,16 +80,22 @@ def output_error(dW: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def mean_abs(x: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+def mean_abs(x: torch.Tensor | list[torch.Tensor], chunk: int = 2048) -> torch.Tensor:
     """Mean of ``|x|`` per channel (last dimension) in float32, ``chunk`` rows at a time through
-    one reused buffer (10x faster on CPU than widening all of a bf16 ``x`` at once)."""
-    flat = x.reshape(-1, x.shape[-1])
-    total = torch.zeros(flat.shape[1], dtype=torch.float32, device=x.device)
-    buf = torch.empty(min(chunk, flat.shape[0]), flat.shape[1], device=x.device)
-    for i in range(0, flat.shape[0], chunk):
-        part = buf[: min(chunk, flat.shape[0] - i)]
-        total += part.copy_(flat[i : i + chunk]).abs_().sum(dim=0)
-    return total / flat.shape[0]
+    one reused buffer (10x faster on CPU than widening all of a bf16 ``x`` at once). ``x`` may
+    be a list of chunks (`BlockContext.forward` with ``chunks``)."""
+    xs = x if isinstance(x, list) else [x]
+    total, rows = None, 0
+    for part_x in xs:
+        flat = part_x.reshape(-1, part_x.shape[-1])
+        if total is None:
+            total = torch.zeros(flat.shape[1], dtype=torch.float32, device=flat.device)
+        buf = torch.empty(min(chunk, flat.shape[0]), flat.shape[1], device=flat.device)
+        for i in range(0, flat.shape[0], chunk):
+            part = buf[: min(chunk, flat.shape[0] - i)]
+            total += part.copy_(flat[i : i + chunk]).abs_().sum(dim=0)
+        rows += flat.shape[0]
+    return total / rows
 
 
 def search_scale(
@@ -181,22 +187,25 @@ class AWQSearch:
 def quantize_block(ctx, config: AWQConfig) -> None:
     stats: dict = {}
 
-    def collect(group, x) -> None:
-        from quantlab.methods.gptq import accumulate_hessian
+    def collect(group, xs) -> None:
+        from quantlab.methods.gptq import hessian_of
 
         # the Hessian from x as it is (bf16 calibration: bf16 units, float32 sums)
-        act_mean = mean_abs(x)
-        H, n = accumulate_hessian(None, 0, x, exact=not config.fast_search)
-        if not config.fast_search:  # the exact H's diagonal is the importance matrix
-            ctx.record_imatrix(group, torch.diag(H) * (n / 2), n)  # H = 2 X^T X / n
+        with ctx.stage("hessians"):
+            act_mean = mean_abs(xs)
+            H, n = hessian_of(xs, exact=not config.fast_search)
+            if not config.fast_search:  # the exact H's diagonal is the importance matrix
+                ctx.record_imatrix(group, torch.diag(H) * (n / 2), n)  # H = 2 X^T X / n
         stats[group] = (H, act_mean)
 
-    ctx.forward(on_group_input=collect, imatrix=config.fast_search)
+    ctx.forward(on_group_input=collect, imatrix=config.fast_search, chunks=True)
     scales, alphas, clips = {}, {}, {}
     hessians = {}
     for group, (H, act_mean) in stats.items():
         if ctx.can_fold(group):
-            s, alpha = search_scale([ctx.weight(n) for n in group.linears], H, act_mean, config)
+            weights = [ctx.weight(n) for n in group.linears]
+            with ctx.stage("search"):
+                s, alpha = search_scale(weights, H, act_mean, config)
             ctx.fold_scale(group, s)
             H = H / s[:, None] / s[None, :]
             scales[group.prev_op], alphas[group.prev_op] = s, alpha
@@ -205,7 +214,9 @@ def quantize_block(ctx, config: AWQConfig) -> None:
     for name in ctx.linear_names:
         W = ctx.weight(name)
         clip = None
-        if config.clip and name not in ctx.arch.no_clip:
-            clip = clips[name] = search_clip(W, hessians[name], config)
-        ctx.set_quantized(name, quantize_clipped(W, clip, config, ctx.original_dtype(name)))
+        with ctx.stage("solve"):
+            if config.clip and name not in ctx.arch.no_clip:
+                clip = clips[name] = search_clip(W, hessians[name], config)
+            qw = quantize_clipped(W, clip, config, ctx.original_dtype(name))
+        ctx.set_quantized(name, qw)
     ctx.record(AWQSearch(scales, alphas, clips))

@@ -164,8 +164,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> Quantize
     bits, sym = cfg.bits, cfg.sym
     gs = cfg.group_size if cfg.group_size > 0 else cols
     n_groups = math.ceil(cols / gs)
-    scales = torch.zeros(out, n_groups)
-    zeros = torch.zeros(out, n_groups)
+    dev = W.device  # every tensor of the solve lives where W is (the compute device)
+    H = H.to(dev)
+    scales = torch.zeros(out, n_groups, device=dev)
+    zeros = torch.zeros(out, n_groups, device=dev)
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
@@ -192,13 +194,13 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> Quantize
     maxq = 2**bits - 1
     # group of each column, in processing order
     if cfg.static_groups:
-        source = perm if perm is not None else torch.arange(cols)
+        source = perm if perm is not None else torch.arange(cols, device=dev)
         group_of = (source // gs).to(torch.int32)
     else:
-        group_of = (torch.arange(cols) // gs).to(torch.int32)
+        group_of = (torch.arange(cols, device=dev) // gs).to(torch.int32)
     static_of = group_of.tolist()
     s = z = None
-    tmp = torch.empty(out)
+    tmp = torch.empty(out, device=dev)
     for i1 in range(0, cols, cfg.block_size):
         i2 = min(i1 + cfg.block_size, cols)
         W1 = Wt[i1:i2].clone()
@@ -241,6 +243,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> Quantize
     )
 
 
+def hessian_of(xs: list[torch.Tensor], *, exact: bool = True) -> tuple[torch.Tensor, int]:
+    """``(H, n)`` of a group's input given as chunks (`BlockContext.forward` with ``chunks``):
+    accumulated chunk by chunk (a GPU's case; on the CPU the chunks arrive as one tensor, summed
+    in one product as always)."""
+    H, n = None, 0
+    for x in xs:
+        H, n = accumulate_hessian(H, n, x, exact=exact)
+    return H, n
+
+
 def split_rows(qw: QuantizedWeight, sizes: list[int], dtypes: list) -> list[QuantizedWeight]:
     """Split a row-stacked `QuantizedWeight` back into one per linear."""
     out, start = [], 0
@@ -268,7 +280,8 @@ def quantize_block(ctx, config: GPTQConfig) -> None:
         for cfg, names in by_config.items():
             weights = [ctx.weight(name) for name in names]
             try:
-                stacked = gptq_quantize(torch.cat(weights), H, cfg)
+                with ctx.stage("solve"):
+                    stacked = gptq_quantize(torch.cat(weights), H, cfg)
             except ValueError as exc:
                 raise ctx.error(names[0], str(exc)) from None
             sizes = [w.shape[0] for w in weights]
@@ -276,16 +289,25 @@ def quantize_block(ctx, config: GPTQConfig) -> None:
             for name, qw in zip(names, split_rows(stacked, sizes, dtypes), strict=True):
                 ctx.set_quantized(name, qw)
 
-    def hessian(group, x) -> torch.Tensor:
-        H, n = accumulate_hessian(None, 0, x)
-        ctx.record_imatrix(group, torch.diag(H) * (n / 2), n)  # H = 2 X^T X / n
+    def hessian(group, xs) -> torch.Tensor:
+        with ctx.stage("hessians"):
+            H, n = hessian_of(xs)
+            ctx.record_imatrix(group, torch.diag(H) * (n / 2), n)  # H = 2 X^T X / n
         return H
 
     if config.true_sequential:
         # one pass: each group is solved from its input just before it runs
-        ctx.forward(on_group_input=lambda group, x: solve(group, hessian(group, x)), imatrix=False)
+        ctx.forward(
+            on_group_input=lambda group, xs: solve(group, hessian(group, xs)),
+            imatrix=False,
+            chunks=True,
+        )
         return
     hessians = {}
-    ctx.forward(on_group_input=lambda g, x: hessians.__setitem__(g, hessian(g, x)), imatrix=False)
+    ctx.forward(
+        on_group_input=lambda g, xs: hessians.__setitem__(g, hessian(g, xs)),
+        imatrix=False,
+        chunks=True,
+    )
     for group, H in hessians.items():
         solve(group, H)

@@ -33,4 +33,6 @@ class RTNConfig:
 def quantize_block(ctx, config: RTNConfig) -> None:
     for name in ctx.linear_names:
         c = ctx.config_for(name, config)
-        ctx.set_quantized(name, quantize_rtn(ctx.weight(name), c.bits, c.group_size, c.sym))
+        with ctx.stage("solve"):
+            qw = quantize_rtn(ctx.weight(name), c.bits, c.group_size, c.sym)
+        ctx.set_quantized(name, qw)

@@ -2,14 +2,23 @@
 
 1. Capture the inputs of the first decoder block (and the keyword arguments the model passes to
    every block: position embeddings, attention mask) for the whole calibration set.
-2. For each block in order: make a compute copy (in ``calib_dtype``, on ``device``), hand a
-   `BlockContext` to the method, which runs forward passes with hooks at the input of each
+2. For each block in order: make a compute copy (in ``calib_dtype``, on ``device``; on a GPU in
+   float32 the block itself goes to the device and comes back), hand a `BlockContext` to the
+   method, which runs forward passes with hooks at the input of each
    `InputGroup` (statistics, or quantization just before the group runs) and sets
    `QuantizedWeight`s.
    The importance matrix (mean of x^2 per input column, llama.cpp's imatrix) of every linear is
    collected during the first pass.
 3. The *quantized* block's outputs become the next block's inputs. Only one block's compute copy
    and the calibration activations are live at a time; the master weights stay on the CPU.
+   Everything a method makes (quantized weights, changed parameters, records) comes back to the
+   CPU when its block is done, so no tensor of another block sits on the compute device. With
+   ``offload`` the activations between blocks stay on the CPU too and go to the device one chunk
+   at a time (for calibration sets larger than the device's memory).
+
+Every stage is timed (`quantlab.devices.StageClock`: capture, read, copy, forward, the method's
+own stages such as hessians and solve, write), with its peak device memory on a GPU; an
+out-of-memory error names the block and what to lower (`quantlab.devices.device_oom`).
 
 This is the one block walk: each finished block goes to a *sink*. In memory (the default) the
 model is left holding the dequantized weights (fake quantization), ready to evaluate, and the
@@ -32,6 +41,7 @@ import numpy as np
 import torch
 
 from quantlab.console import bar_stream
+from quantlab.devices import StageClock, device_oom, is_gpu, resolve_device
 from quantlab.errors import QuantlabError
 from quantlab.methods.registry import get_method
 from quantlab.models.arch import ArchSpec, InputGroup
@@ -56,6 +66,8 @@ class QuantizationResult:
     calibration: dict | None  # CalibrationSet.provenance(), None for RTN without calibration
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"  # where the blocks were computed
+    stage_peak_bytes: dict[str, int] = field(default_factory=dict)  # GPU: peak allocated per stage
     linears: int = 0  # linears quantized (also when a streaming sink holds their tensors)
     overrides: dict = field(default_factory=dict)  # linear -> its own config (per-module)
 
@@ -64,9 +76,21 @@ class BlockContext:
     """One decoder block as a method sees it: weights by name, forward passes with hooks."""
 
     def __init__(
-        self, prefix: str, block, compute, arch: ArchSpec, inputs, kwargs, imatrix, configs=None
+        self,
+        prefix: str,
+        block,
+        compute,
+        arch: ArchSpec,
+        inputs,
+        kwargs,
+        imatrix,
+        configs=None,
+        clock: StageClock | None = None,
     ):
         self.prefix, self.block, self.compute, self.arch = prefix, block, compute, arch
+        self.clock = clock or StageClock()
+        param = next(compute.parameters(), None)
+        self.device = param.device if param is not None else torch.device("cpu")
         self._configs = configs or {}  # linear (block-local name) -> its own config
         self.inputs, self.kwargs = inputs, kwargs
         self.linear_names = list(arch.linears)
@@ -84,10 +108,15 @@ class BlockContext:
         fit's bits) or the method's ``config``."""
         return self._configs.get(name, config)
 
+    def stage(self, name: str):
+        """Time the enclosed work as stage ``name`` (e.g. ``with ctx.stage("solve"): ...``)."""
+        return self.clock.stage(name)
+
     # --- weights ----------------------------------------------------------------------------
     def weight(self, name: str) -> torch.Tensor:
-        """The current float32 weight of a linear (a copy)."""
-        return self.block.get_submodule(name).weight.detach().float().clone()
+        """The current float32 weight of a linear (a copy, on the compute device)."""
+        w = self.block.get_submodule(name).weight.detach()
+        return w.to(self.device, torch.float32, copy=True)
 
     def original_dtype(self, name: str) -> torch.dtype:
         return self.block.get_submodule(name).weight.dtype
@@ -115,14 +144,16 @@ class BlockContext:
     def fold_scale(self, group: InputGroup, s: torch.Tensor) -> None:
         """Divide the producer's output channels by ``s`` and multiply the linears' inputs by it."""
         prev = self.block.get_submodule(group.prev_op)
+        s = s.to(self.device)
         self._write(
             f"{group.prev_op}.weight",
-            prev.weight.detach().float(),
+            prev.weight.detach().to(self.device, torch.float32),
             lambda w: w / (s if w.ndim == 1 else s[:, None]),
         )
         self.modified.add(f"{group.prev_op}.weight")
         if getattr(prev, "bias", None) is not None:
-            self._write(f"{group.prev_op}.bias", prev.bias.detach().float(), lambda b: b / s)
+            bias = prev.bias.detach().to(self.device, torch.float32)
+            self._write(f"{group.prev_op}.bias", bias, lambda b: b / s)
             self.modified.add(f"{group.prev_op}.bias")
         for name in group.linears:
             self._write(f"{name}.weight", self.weight(name), lambda w: w * s[None, :])
@@ -143,10 +174,14 @@ class BlockContext:
             if stats is not None and stats[1] == 0:
                 stats[0], stats[1] = sum_sq.detach().float().cpu().clone(), rows
 
-    def forward(self, on_group_input=None, *, imatrix: bool = True) -> torch.Tensor:
+    def forward(
+        self, on_group_input=None, *, imatrix: bool = True, chunks: bool = False
+    ) -> torch.Tensor:
         """Run the compute block on the calibration inputs; call ``on_group_input(group, x)`` with
         each input group's input just before the group's first linear runs. With ``imatrix``
-        False the method records the importance matrix itself (`record_imatrix`).
+        False the method records the importance matrix itself (`record_imatrix`). With
+        ``chunks`` the method takes ``x`` as the list of the chunks' inputs (see below) instead
+        of their concatenation, which a GPU then never holds twice (`chunk_inputs`).
 
         The batch runs in chunks of about `CHUNK_TOKENS` tokens, one after the other, each
         stopping at every group's input until all chunks have reached it; the group then sees
@@ -164,21 +199,25 @@ class BlockContext:
 
         def at_group(name: str, xs: list[torch.Tensor]) -> None:
             group = first_of[name]
-            x = xs[0] if len(xs) == 1 else torch.cat(xs)
+            parts = chunk_inputs(xs)
             if record.intersection(group.linears):
-                flat = x.reshape(-1, x.shape[-1])
-                sq = flat.float().square().sum(dim=0).cpu()
+                sq, rows = 0.0, 0
+                for part in parts:
+                    flat = part.reshape(-1, part.shape[-1])
+                    sq = sq + flat.float().square().sum(dim=0).cpu()
+                    rows += flat.shape[0]
                 for linear in record.intersection(group.linears):
                     stats = self._imatrix[f"{self.prefix}.{linear}"]
                     stats[0] += sq
-                    stats[1] += flat.shape[0]
+                    stats[1] += rows
             if on_group_input is not None:
-                on_group_input(group, x)
+                on_group_input(group, parts if chunks else _joined(parts))
 
         stops = list(first_of) if record or on_group_input is not None else []
         self._in_forward = True
         try:
-            out = _chunked_forward(self.compute, self.inputs, self.kwargs, stops, at_group)
+            with self.clock.stage("forward"):
+                out = _chunked_forward(self.compute, self.inputs, self.kwargs, stops, at_group)
         finally:
             self._in_forward = False
         self.outputs = out
@@ -187,10 +226,28 @@ class BlockContext:
 
 
 CHUNK_TOKENS = 2048  # tokens per chunk of a calibration forward (see BlockContext.forward)
+GPU_CHUNK_TOKENS = 32768  # on a GPU: bounds the block's temporaries (an 8B MLP's are 4 x 14336
+# values per token), not the allocator's reuse
 
 
-def _batch_slices(batch: int, seq_len: int) -> list[slice]:
-    per = max(1, CHUNK_TOKENS // max(1, seq_len))  # whole sequences: attention needs them
+def chunk_inputs(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """A group's input as methods that take chunks see it: on the CPU one tensor, the chunks
+    concatenated (the statistics are then summed exactly as over one batch, bit for bit as
+    before chunking); on a GPU the chunks as they are (a concatenation would hold the group's
+    input twice: 7.5 GB for an 8B model's down_proj at 128 x 2048 tokens in bf16)."""
+    if len(xs) == 1 or xs[0].device.type == "cpu":
+        return [_joined(xs)]
+    return list(xs)
+
+
+def _joined(xs: list[torch.Tensor]) -> torch.Tensor:
+    return xs[0] if len(xs) == 1 else torch.cat(xs)
+
+
+def _batch_slices(batch: int, seq_len: int, tokens: int | None = None) -> list[slice]:
+    per = max(
+        1, (tokens or CHUNK_TOKENS) // max(1, seq_len)
+    )  # whole sequences: attention needs them
     return [slice(i, min(i + per, batch)) for i in range(0, batch, per)]
 
 
@@ -214,16 +271,29 @@ def _chunked_forward(module, inputs, kwargs, stops: list[str], at_stop) -> torch
 
     The chunks are greenlets of the calling thread: each runs until its next stop, then hands
     control back, so one thread runs every chunk in turn (one thread per chunk, each with its own
-    allocator arena and OpenMP team, lost most of the gain). On a GPU the batch runs whole. An
-    exception in a chunk or in ``at_stop`` ends every chunk and is raised here. On the CPU the
-    outputs equal one pass over the whole batch (tested); the point is speed. Keyword arguments
-    are cut by `_cut`'s shape rule (right for the supported decoder blocks)."""
+    allocator arena and OpenMP team, lost most of the gain). On a GPU the chunks are
+    `GPU_CHUNK_TOKENS` long, to bound the temporaries. An exception in a chunk or in ``at_stop``
+    ends every chunk and is raised here. On the CPU the outputs equal one pass over the whole
+    batch (tested); the point is speed. Keyword arguments are cut by `_cut`'s shape rule (right
+    for the supported decoder blocks).
+
+    When ``module`` sits on another device than ``inputs`` (offloaded activations), each chunk
+    goes to the module's device and its output comes back, so only a chunk's activations are on
+    the device between stops."""
     import greenlet
 
     batch = inputs.shape[0]
-    slices = _batch_slices(batch, inputs.shape[1] if inputs.dim() > 1 else 1)
-    if inputs.device.type != "cpu":  # the allocator's reason is the CPU's; a GPU takes it whole
-        slices = [slice(0, batch)]
+    param = next(module.parameters(), None)
+    target = param.device if param is not None else inputs.device
+    home = inputs.device
+    seq = inputs.shape[1] if inputs.dim() > 1 else 1
+    if target.type == "cpu":
+        slices = _batch_slices(batch, seq)
+    else:
+        slices = _batch_slices(batch, seq, GPU_CHUNK_TOKENS)
+    hooks = []
+    if target != home:
+        kwargs = {k: _moved(v, target) for k, v in kwargs.items()}
     hooks = []
     if len(slices) == 1:
         try:
@@ -232,11 +302,11 @@ def _chunked_forward(module, inputs, kwargs, stops: list[str], at_stop) -> torch
                 pause = sub.register_forward_pre_hook(lambda _m, a, n=name: at_stop(n, [a[0]]))
                 hooks.append(pause)
             with torch.inference_mode():
-                out = module(inputs, **kwargs)
+                out = module(inputs.to(target), **kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
-        return out[0] if isinstance(out, tuple) else out
+        return (out[0] if isinstance(out, tuple) else out).to(home)
 
     parent = greenlet.getcurrent()
 
@@ -247,8 +317,8 @@ def _chunked_forward(module, inputs, kwargs, stops: list[str], at_stop) -> torch
         return run
 
     def work(sl: slice):
-        out = module(inputs[sl], **{k: _cut(v, batch, sl) for k, v in kwargs.items()})
-        return ("done", out[0] if isinstance(out, tuple) else out)
+        out = module(inputs[sl].to(target), **{k: _cut(v, batch, sl) for k, v in kwargs.items()})
+        return ("done", (out[0] if isinstance(out, tuple) else out).to(home))
 
     chunks = [greenlet.greenlet(lambda sl=sl: work(sl)) for sl in slices]
     try:
@@ -273,6 +343,15 @@ def _chunked_forward(module, inputs, kwargs, stops: list[str], at_stop) -> torch
                 with contextlib.suppress(Exception):  # unwinding must not hide the first one
                     chunk.throw()
     return torch.cat([st[1] for st in state])
+
+
+def _moved(value, device):
+    """A block keyword argument on ``device`` (tensors, and tensors in tuples and lists)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_moved(v, device) for v in value)
+    return value
 
 
 def _capture_first_block_inputs(model, arch: ArchSpec, ids: torch.Tensor, dtype, device):
@@ -317,17 +396,42 @@ def forward_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     return _chunked_forward(block, hidden, kwargs, [], None)
 
 
+def _param_device(module) -> torch.device:
+    param = next(module.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 def run_block(
-    spec, config, prefix, block, arch, hidden, kwargs, imatrix, *, dtype, device, configs=None
+    spec,
+    config,
+    prefix,
+    block,
+    arch,
+    hidden,
+    kwargs,
+    imatrix,
+    *,
+    dtype,
+    device,
+    configs=None,
+    clock: StageClock | None = None,
 ):
     """Quantize one block with method ``spec``; returns its `BlockContext` (the quantized weights,
     changed parameters, records) and the block's outputs, the next block's inputs (``hidden`` is
-    None without calibration). The per-block step of `quantize_model`."""
+    None without calibration). The per-block step of `quantize_model`.
+
+    On a GPU the block is computed there: in float32 the block itself moves to the device (and
+    `quantize_model` moves it back), in another dtype a compute copy is made on the device;
+    without calibration (RTN) the weights are solved there too."""
+    clock = clock or StageClock(str(device))
     calibrated = hidden is not None
     compute = block
-    if calibrated and (dtype != torch.float32 or device != "cpu"):
-        compute = copy.deepcopy(block).to(device=device, dtype=dtype)
-    ctx = BlockContext(prefix, block, compute, arch, hidden, kwargs, imatrix, configs)
+    with clock.stage("copy"):
+        if is_gpu(str(device)) and dtype == torch.float32:
+            block.to(device)  # in place: the master is the compute block
+        elif (calibrated and dtype != torch.float32) or is_gpu(str(device)):
+            compute = _compute_copy(block, device, dtype)
+    ctx = BlockContext(prefix, block, compute, arch, hidden, kwargs, imatrix, configs, clock)
     if calibrated and not spec.needs_calibration:
         ctx.forward()  # RTN with calibration: the pass only gathers the importance matrix
     spec.quantize_block(ctx, config)
@@ -335,6 +439,39 @@ def run_block(
         hidden = ctx.forward() if ctx.outputs_stale else ctx.outputs
     ctx.compute = None  # the compute copy is not needed past this point
     return ctx, hidden
+
+
+def _compute_copy(block, device, dtype):
+    """``block`` in ``dtype`` on ``device``; a CPU block bound for a GPU is copied tensor by
+    tensor straight to the device (no second full copy on the CPU)."""
+    if str(device) == "cpu" or _param_device(block) == torch.device(device):
+        clone = copy.deepcopy(block)
+    else:
+        memo = {}
+        for param in block.parameters():
+            memo[id(param)] = torch.nn.Parameter(
+                param.detach().to(device, copy=True), requires_grad=param.requires_grad
+            )
+        for buf in block.buffers():
+            memo[id(buf)] = buf.to(device, copy=True)
+        clone = copy.deepcopy(block, memo)
+    return clone.to(device=device, dtype=dtype)
+
+
+def _to_cpu(value):
+    """``value`` with every tensor in it (dataclasses, dicts, lists, tuples) moved to the CPU."""
+    import dataclasses
+
+    if isinstance(value, torch.Tensor):
+        return value.cpu()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        changes = {f.name: _to_cpu(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return dataclasses.replace(value, **changes)
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 @dataclass
@@ -372,8 +509,14 @@ def quantize_model(
     loader: BlockLoader | None = None,
     sink: Callable[[BlockResult], None] | None = None,
     overrides: dict | None = None,
+    offload: bool = False,
 ) -> QuantizationResult:
     """The block walk: quantize every block of ``model`` in order and return the result.
+
+    ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``): where each block is computed (see
+    `run_block`); the model's master weights stay where they are. ``offload``: keep the
+    calibration activations between blocks on the CPU (a GPU then holds one block and one
+    chunk's activations; slower, for calibration sets that do not fit on the device).
 
     ``calibration`` is a `CalibrationSet` (required unless the method needs none); its samples are
     processed as one batch, so memory grows with n_samples x seq_len x hidden.
@@ -402,25 +545,29 @@ def quantize_model(
             raise QuantlabError(f"{name}: the override must be a {spec.config_cls.__name__}")
     if spec.needs_calibration and calibration is None:
         raise QuantlabError(f"method {method} needs a calibration set")
+    device = resolve_device(device)
     start = time.perf_counter()
     dtype = getattr(torch, calib_dtype)
     blocks = model.get_submodule(arch.blocks)
-    stages: dict[str, float] = {}
+    clock = StageClock(device)
     hidden = kwargs = None
     imatrix: dict[str, list] = {}
+    advice = _oom_advice(device, calibration, offload)
     if calibration is not None:
         ids = torch.as_tensor(np.array(calibration.input_ids))  # a copy: ids may be read-only
-        if loader is not None:
-            loader.load_embedding(model)
-        hidden, kwargs = _capture_first_block_inputs(model, arch, ids, dtype, device)
-        if loader is not None:
-            loader.release_embedding(model)
-        stages["capture"] = time.perf_counter() - start
+        with clock.stage("capture"), device_oom("the embedding (capture)", device, advice):
+            if loader is not None:
+                loader.load_embedding(model)
+            where = "cpu" if offload else device
+            hidden, kwargs = _capture_first_block_inputs(model, arch, ids, dtype, where)
+            if loader is not None:
+                loader.release_embedding(model)
         for i in range(len(blocks)):
             for name in arch.linears:
                 imatrix[f"{arch.blocks}.{i}.{name}"] = [0.0, 0]
-    result = QuantizationResult(method, config, {}, {}, {}, 0, {}, None, 0.0, stages)
+    result = QuantizationResult(method, config, {}, {}, {}, 0, {}, None, 0.0, clock.seconds)
     result.overrides = overrides
+    result.device = device
 
     def keep(done: BlockResult) -> None:  # the in-memory sink
         result.weights.update(done.weights)
@@ -434,42 +581,43 @@ def quantize_model(
         file=bar_stream(),
         disable=not progress,
     )
+    home = _param_device(blocks[0]) if len(blocks) else torch.device("cpu")
     for i in bar:
         prefix = f"{arch.blocks}.{i}"
         block = blocks[i]
-        if loader is not None:
-            loader.load_block(prefix, block)
-        configs = {
-            n.removeprefix(prefix + "."): c
-            for n, c in overrides.items()
-            if n.startswith(prefix + ".")
-        }
-        ctx, hidden = run_block(
-            spec, config, prefix, block, arch, hidden, kwargs, imatrix,
-            dtype=dtype, device=device, configs=configs,
-        )  # fmt: skip
+        with device_oom(f"block {prefix} ({method})", device, advice):
+            if loader is not None:
+                with clock.stage("read"):
+                    loader.load_block(prefix, block)
+            configs = {
+                n.removeprefix(prefix + "."): c
+                for n, c in overrides.items()
+                if n.startswith(prefix + ".")
+            }
+            ctx, hidden = run_block(
+                spec, config, prefix, block, arch, hidden, kwargs, imatrix,
+                dtype=dtype, device=device, configs=configs, clock=clock,
+            )  # fmt: skip
+            with clock.stage("copy"):  # everything the method made comes back to the CPU
+                if loader is None and _param_device(block) != home:
+                    block.to(home)
+                quantized = {f"{prefix}.{n}": _to_cpu(qw) for n, qw in ctx.quantized.items()}
+                modified = {
+                    f"{prefix}.{name}": block.get_parameter(name).detach().cpu().clone()
+                    for name in sorted(ctx.modified)
+                }
+                records = None
+                if ctx.records:
+                    records = _to_cpu(ctx.records[0] if len(ctx.records) == 1 else ctx.records)
         missing = [name for name in arch.linears if name not in ctx.quantized]
         if missing:
             raise QuantlabError(f"{method} left {prefix} {', '.join(missing)} unquantized")
         result.linears += len(ctx.quantized)
-        records = None
-        if ctx.records:
-            records = ctx.records[0] if len(ctx.records) == 1 else ctx.records
+        if records is not None:
             result.records[prefix] = records
-        sink(
-            BlockResult(
-                i,
-                prefix,
-                block,
-                {f"{prefix}.{name}": qw for name, qw in ctx.quantized.items()},
-                {
-                    f"{prefix}.{name}": block.get_parameter(name).detach().clone()
-                    for name in sorted(ctx.modified)
-                },
-                records,
-            )
-        )
-        del ctx
+        with clock.stage("write"):
+            sink(BlockResult(i, prefix, block, quantized, modified, records))
+        del ctx, quantized, modified
         if loader is not None:
             loader.release_block(prefix, block)
     bar.close()
@@ -478,8 +626,24 @@ def quantize_model(
     if calibration is not None:
         result.calibration = calibration.provenance()
     result.seconds = time.perf_counter() - start
-    stages["blocks"] = result.seconds - stages.get("capture", 0.0)
+    result.stage_seconds = dict(clock.seconds)
+    result.stage_seconds["blocks"] = result.seconds - clock.seconds.get("capture", 0.0)
+    result.stage_peak_bytes = dict(clock.peak_allocated)
     return result
+
+
+def _oom_advice(device: str, calibration, offload: bool) -> str:
+    """What to lower when a block does not fit in ``device``'s memory."""
+    tips = []
+    if calibration is not None:
+        n, seq = np.shape(calibration.input_ids)
+        tips.append(f"fewer calibration samples or a shorter sequence (now {n} x {seq})")
+        tips.append("--calib-dtype bfloat16")
+        if is_gpu(device) and not offload:
+            tips.append("--offload (activations between blocks on the CPU)")
+    if is_gpu(device):
+        tips.append("or --device cpu")
+    return "try " + ", ".join(tips) if tips else "free memory or use a machine with more"
 
 
 def collect_imatrix(
@@ -497,6 +661,7 @@ def collect_imatrix(
     from tqdm import tqdm
 
     dtype = getattr(torch, calib_dtype)
+    device = resolve_device(device)
     ids = torch.as_tensor(np.array(calibration.input_ids))  # a copy: ids may be read-only
     hidden, kwargs = _capture_first_block_inputs(model, arch, ids, dtype, device)
     blocks = model.get_submodule(arch.blocks)
@@ -509,7 +674,7 @@ def collect_imatrix(
         block = blocks[i]
         compute = block
         if dtype != torch.float32 or device != "cpu":
-            compute = copy.deepcopy(block).to(device=device, dtype=dtype)
+            compute = _compute_copy(block, device, dtype)
         ctx = BlockContext(f"{arch.blocks}.{i}", block, compute, arch, hidden, kwargs, stats)
         hidden = ctx.forward()
         del compute, ctx

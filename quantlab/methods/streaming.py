@@ -33,11 +33,14 @@ def quantize_streaming(
     device: str = "cpu",
     progress: bool = True,
     overrides: dict | None = None,
+    offload: bool = False,
 ) -> QuantizationResult:
     """Quantize ``model_ref`` block by block from its shards, handing each block to ``sink``;
     returns the run's result (without per-linear tensors: the sink has them)."""
+    from quantlab.devices import resolve_device
     from quantlab.models.shards import ShardBlockLoader, bound_allocator, model_skeleton
 
+    device = resolve_device(device)
     loader = ShardBlockLoader(model_ref, device)  # refuses a folder without safetensors shards
     bound_allocator()
     model = model_skeleton(model_ref)
@@ -53,4 +56,5 @@ def quantize_streaming(
         loader=loader,
         sink=sink,
         overrides=overrides,
+        offload=offload,
     )

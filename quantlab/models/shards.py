@@ -118,7 +118,7 @@ def load_module(module, prefix: str, source: TensorSource, device: str = "cpu") 
     names = [n for n in source.names() if n.startswith(prefix + ".")]
     stored = source.read(names)
     state = {
-        n[len(prefix) + 1 :]: (t.float() if t.is_floating_point() else t).to(device)
+        n[len(prefix) + 1 :]: (t.to(device).float() if t.is_floating_point() else t.to(device))
         for n, t in stored.items()
     }
     expected = set(module.state_dict())

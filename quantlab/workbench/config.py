@@ -358,10 +358,16 @@ class RunConfig:
     evaluation: EvalConfig = field(default_factory=lambda: EvalConfig(**EVALUATION_DEFAULTS))
     output: str = "out"  # artifacts go to <output>/<name>/<variant>
     store: str = "results/quantlab.db"
+    # where quantlab's block walks and transformers evaluations run: cpu, cuda, cuda:N, auto
+    device: str = "auto"
+    offload: bool = False  # activations between blocks on the CPU (calibration sets > the GPU)
     version: int = 2
 
     def __post_init__(self) -> None:
+        from quantlab.devices import check_device_spec
+
         _check_name("run name", self.name)
+        check_device_spec(self.device)
         if not self.variants:
             raise ConfigError("variants: give at least one")
         names = [v.name for v in self.variants]
@@ -458,8 +464,9 @@ def parse_run_config(data) -> RunConfig:
     for key in ("name", "model"):
         if not isinstance(data.get(key), str) or not data[key]:
             raise ConfigError(f"{key}: required (a string)")
-    paths = {k: data[k] for k in ("output", "store") if k in data}
-    _check_types({"output": "str", "store": "str"}, paths, "run config")
+    paths = {k: data[k] for k in ("output", "store", "device", "offload") if k in data}
+    kinds = {"output": "str", "store": "str", "device": "str", "offload": "bool"}
+    _check_types(kinds, paths, "run config")
     try:
         return RunConfig(**data)
     except TypeError as exc:

@@ -57,6 +57,8 @@ class SweepJob:
             data_root=self.data_root,
             cache=self.cache,
             log=self.log,
+            device=self.config.device,
+            offload=self.config.offload,
         )
 
 
@@ -101,6 +103,7 @@ def evaluate_variant(job: SweepJob, produced: Produced):
         reference=job.config.model,
         data_root=job.data_root,
         cache=job.cache,
+        device=job.config.device,
     )
     return metrics, time.perf_counter() - start
 

@@ -39,14 +39,42 @@ class Produced:
     seconds: float
     summary: str  # one line: what was made
     notes: list[str] = field(default_factory=list)  # what a user should know about it
+    device: str = "cpu"  # where quantlab's block walk computed (llama.cpp's quantization: cpu)
+    stage_seconds: dict[str, float] = field(default_factory=dict)  # the block walk's stages
+    stage_peak_bytes: dict[str, int] = field(default_factory=dict)  # GPU: peak per stage
+
+    def stages_line(self) -> str:
+        """``stages: capture 1.2 s, forward 3.4 s, ...`` (with peak device memory on a GPU)."""
+        parts = []
+        for name, seconds in self.stage_seconds.items():
+            if name == "blocks":
+                continue
+            peak = self.stage_peak_bytes.get(name)
+            parts.append(f"{name} {seconds:.1f} s" + (f" ({peak / 2**30:.2f} GiB)" if peak else ""))
+        return f"stages on {self.device}: " + ", ".join(parts) if parts else ""
 
 
 class SharedInputs:
     """The calibration set and importance matrix every variant of a run shares (on first use)."""
 
-    def __init__(self, model_ref, calibration, *, data_root=None, cache=None, log=None):
+    def __init__(
+        self,
+        model_ref,
+        calibration,
+        *,
+        data_root=None,
+        cache=None,
+        log=None,
+        device: str = "cpu",
+        offload: bool = False,
+    ):
+        from quantlab.devices import check_device_spec
+
         self.model_ref, self.calibration_config = model_ref, calibration
         self.data_root, self.cache = data_root, cache
+        # where quantlab's block walks run (a resolved torch device, or "auto"), and whether the
+        # activations between blocks stay on the CPU
+        self.device, self.offload = check_device_spec(device), offload
         self.log = log or (lambda _msg: None)
         self._calibration = self._imatrix = None
 
@@ -79,6 +107,7 @@ class SharedInputs:
                 self.model_ref.folder.arch,
                 calib,
                 calib_dtype=self.calibration_config.dtype,
+                device=self.device,
             )
         return self._imatrix
 
@@ -217,6 +246,8 @@ def _make(variant: Variant, shared: SharedInputs, out: Path, *, progress: bool):
                 sink,
                 calib_dtype=dtype,
                 progress=progress,
+                device=shared.device,
+                offload=shared.offload,
             )
 
         path, result = fmt.stream(request, walk)
@@ -232,13 +263,35 @@ def _make(variant: Variant, shared: SharedInputs, out: Path, *, progress: bool):
             calibration,
             calib_dtype=dtype,
             progress=progress,
+            device=shared.device,
+            offload=shared.offload,
         )
-        path = fmt.write(dataclasses.replace(request, result=result, model=model))
+        with _timed(result.stage_seconds, "write"):
+            path = fmt.write(dataclasses.replace(request, result=result, model=model))
     how = " (streamed from the shards)" if variant.streaming else ""
-    took = f"{result.linears} linears in {result.seconds:.1f} s{how}"
+    where = f" on {result.device}" if result.device != "cpu" else ""
+    took = f"{result.linears} linears in {result.seconds:.1f} s{where}{how}"
     summary = f"{variant.method} {variant.config}: {took}"
     label = fmt.label(variant.options)
-    return Produced(str(path), label, time.perf_counter() - start, summary, fmt.notes(path))
+    made = Produced(str(path), label, time.perf_counter() - start, summary, fmt.notes(path))
+    made.device = result.device
+    made.stage_seconds = dict(result.stage_seconds)
+    made.stage_peak_bytes = dict(result.stage_peak_bytes)
+    return made
+
+
+class _timed:
+    """Add the enclosed block's wall time to ``stages[name]``."""
+
+    def __init__(self, stages: dict, name: str):
+        self.stages, self.name = stages, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        took = time.perf_counter() - self.start
+        self.stages[self.name] = self.stages.get(self.name, 0.0) + took
 
 
 def _base_model(model_ref) -> tuple[str, str]:
