@@ -76,16 +76,18 @@ def model_folder(name: str, work: Path) -> tuple[str, float]:
     return str(folder), float(SHAPES[name].parameters())
 
 
-def stages_of(stdout: str) -> dict[str, float]:
-    """The ``stages on DEVICE: name S s, ...`` line `quantlab quantize` prints."""
+def stages_of(stdout: str) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds and (GPU) peak GiB per stage from the ``stages on DEVICE: name S s (P GiB), ...``
+    line `quantlab quantize` prints."""
+    seconds, peaks = {}, {}
     for line in stdout.splitlines():
         if line.startswith("stages on "):
-            out = {}
             for part in line.split(": ", 1)[1].split(", "):
-                name, seconds = part.split()[:2]
-                out[name] = float(seconds)
-            return out
-    return {}
+                words = part.split()
+                seconds[words[0]] = float(words[1])
+                if len(words) >= 5 and words[4].startswith("GiB"):
+                    peaks[words[0]] = float(words[3].lstrip("("))
+    return seconds, peaks
 
 
 def growth(xs: list[float], ys: list[float]) -> float | None:
@@ -109,6 +111,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     parser.add_argument("--eval-tokens", type=int, default=512, help="perplexity tokens (512)")
     parser.add_argument("--eval-context", type=int, default=256, help="window length (256)")
+    parser.add_argument("--eval-dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--speed", action="store_true", help="also decode/prefill tokens/s")
     parser.add_argument("--no-eval", action="store_true", help="quantize only")
     parser.add_argument("--work", help="models and outputs (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the quantized artifacts")
@@ -135,6 +139,7 @@ def main() -> None:
                 cmd += ["--calib", str(corpus), "--n-samples", str(args.n_samples)]
                 cmd += ["--seq-len", str(args.seq_len), "--calib-dtype", args.calib_dtype]
             rc, peak, seconds, stdout = quantlab(cmd, log)
+            stage_seconds, stage_peaks = stages_of(stdout)
             row = {
                 "size": size,
                 "params": params,
@@ -142,13 +147,15 @@ def main() -> None:
                 "quantize_rc": rc,
                 "quantize_s": seconds,
                 "quantize_rss_gb": peak,
-                "stages": stages_of(stdout),
+                "stages": stage_seconds,
+                "quantize_vram_gb": max(stage_peaks.values(), default=None),
             }
             if rc == 0 and not args.no_eval:
                 metrics = work / f"eval-{size}-{method}.json"
                 cmd = ["eval", str(out), "--ppl", str(corpus), "--max-tokens"]
                 cmd += [str(args.eval_tokens), "--context", str(args.eval_context)]
                 cmd += ["--json", str(metrics), "--device", args.device]
+                cmd += ["--dtype", args.eval_dtype] + (["--speed"] if args.speed else [])
                 rc2, peak2, seconds2, _ = quantlab(cmd, log)
                 row.update(eval_rc=rc2, eval_s=seconds2, eval_rss_gb=peak2)
                 if rc2 == 0:
@@ -158,7 +165,14 @@ def main() -> None:
                     )
                     row["load_s"] = m["stage_seconds"].get("load")
                     row["eval_windows"] = m["perplexity"][0]["windows"]
-                    row["eval_vram_gb"] = (m["memory"].get("cuda_peak_bytes") or 0) / 2**30
+                    memory = m["memory"]
+                    vram = max(memory.get("cuda_reserved_bytes") or 0,
+                               memory.get("process_device_bytes") or 0)  # fmt: skip
+                    row["eval_vram_gb"] = vram / 2**30 or None
+                    if m.get("speed"):
+                        row["decode_tok_s"] = m["speed"]["decode_tokens_per_s"]
+                        row["prefill_tok_s"] = m["speed"]["prefill_tokens_per_s"]
+                        row["speed_runtime"] = m["speed"]["runtime"]
             if not args.keep:
                 shutil.rmtree(out, ignore_errors=True)
             rows.append(row)
@@ -177,7 +191,12 @@ def print_table(rows: list[dict], args) -> None:
         "twice).\n"
     )
     head = ["size", "params (B)", "method", "quantize s", "quantize peak RSS GB"]
+    gpu = any(r.get("quantize_vram_gb") or r.get("eval_vram_gb") for r in rows)
     head += [f"{s} s" for s in STAGES] + ["eval s (ppl s)", "eval peak RSS GB"]
+    if gpu:
+        head += ["quantize peak VRAM GiB", "eval peak VRAM GiB"]
+    if any("decode_tok_s" in r for r in rows):
+        head += ["decode tok/s", "prefill tok/s"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for r in rows:
@@ -190,6 +209,12 @@ def print_table(rows: list[dict], args) -> None:
             cells += [f"{r['eval_s']:.0f} ({r['ppl_s']:.0f})", f"{r['eval_rss_gb']:.2f}"]
         else:
             cells += ["-" if "eval_rc" not in r else f"failed ({r['eval_rc']})", "-"]
+        if gpu:
+            cells += [f"{r[k]:.1f}" if r.get(k) else "-" for k in ("quantize_vram_gb",
+                                                                  "eval_vram_gb")]  # fmt: skip
+        if any("decode_tok_s" in x for x in rows):
+            cells += [f"{r[k]:.1f}" if r.get(k) else "-" for k in ("decode_tok_s",
+                                                                  "prefill_tok_s")]  # fmt: skip
         print("| " + " | ".join(cells) + " |")
     print()
     for method in sorted({r["method"] for r in rows}):

@@ -803,8 +803,9 @@ def device_arg(p: argparse.ArgumentParser, default: str | None = "auto", offload
             "--offload",
             action="store_true",
             default=None,
-            help="keep the calibration activations between blocks on the CPU (a GPU then holds "
-            "one block and one chunk of activations: for calibration sets larger than its memory)",
+            help="keep the calibration activations between blocks on the CPU (the GPU then holds "
+            "the block, its Hessians and the inputs of the block's current layer; automatic when "
+            "the activations would take over half of the GPU's free memory)",
         )
 
 

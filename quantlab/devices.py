@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from quantlab.errors import ConfigError, QuantlabError
 
@@ -95,8 +95,10 @@ def process_device_memory(device: str) -> int | None:
         pynvml.nvmlInit()
         import torch
 
-        index = torch.device(device).index or 0
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        # by UUID: torch's index is not NVML's under CUDA_VISIBLE_DEVICES
+        uuid = str(torch.cuda.get_device_properties(torch.device(device)).uuid)
+        uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
+        handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
         for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
             if proc.pid == os.getpid():
                 return int(proc.usedGpuMemory or 0) or None
@@ -122,12 +124,22 @@ class StageClock:
 
             torch.cuda.synchronize(self.device)
 
+    def _fold_peaks(self) -> None:
+        """Give every open stage the peaks reached so far, before a reset loses them."""
+        import torch
+
+        alloc = int(torch.cuda.max_memory_allocated(self.device))
+        reserved = int(torch.cuda.max_memory_reserved(self.device))
+        for frame in self._stack:
+            frame[2], frame[3] = max(frame[2], alloc), max(frame[3], reserved)
+
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         if self.gpu:
             import torch
 
             self._sync()
+            self._fold_peaks()
             torch.cuda.reset_peak_memory_stats(self.device)
         frame = [name, 0.0, 0, 0]
         self._stack.append(frame)
@@ -135,7 +147,8 @@ class StageClock:
         try:
             yield
         finally:
-            self._sync()
+            with suppress(Exception):  # a device error is being raised: keep that one
+                self._sync()
             elapsed = time.perf_counter() - start
             self._stack.pop()
             self.seconds[name] = self.seconds.get(name, 0.0) + elapsed - frame[1]

@@ -95,6 +95,14 @@ def method_formats() -> list[str]:
     return [f.name for f in formats() if f.writable and f.needs_method]
 
 
+def device_choices() -> list[str]:
+    """The app's device choices: auto, the CPU, and each GPU torch sees."""
+    import torch
+
+    gpus = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    return ["auto", "cpu", *gpus]
+
+
 def run_config(
     ws: Workspace,
     name,
@@ -107,6 +115,7 @@ def run_config(
     types,
     imatrix,
     preset,
+    device="auto",
 ) -> dict:
     """The run config the Quantize form describes (validated by the workbench's parser).
     ``types``: the chosen types of the self-quantizing formats, as ``format:type`` strings or
@@ -139,6 +148,7 @@ def run_config(
         "evaluation": {**chosen["evaluation"], "allow_fallback": True},
         "output": str(ws.artifacts),
         "store": str(ws.store),
+        "device": device or "auto",
     }
     parse_run_config(data)  # raises ConfigError naming the problem
     return data
@@ -155,7 +165,7 @@ def fit_formats() -> list[str]:
 
 
 def fit_run_config(
-    ws: Workspace, name, model, fmt, budget, value, vram_gib, context, batch, preset
+    ws: Workspace, name, model, fmt, budget, value, vram_gib, context, batch, preset, device="auto"
 ) -> dict:
     """The run config of "build the best that fits": one fit variant of ``fmt`` for the budget
     (validated by the workbench's parser)."""
@@ -178,6 +188,7 @@ def fit_run_config(
         "evaluation": {**chosen["evaluation"], "allow_fallback": True},
         "output": str(ws.artifacts),
         "store": str(ws.store),
+        "device": device or "auto",
     }
     parse_run_config(data)  # raises ConfigError naming the problem
     return data
@@ -516,10 +527,10 @@ def build_app(workdir: str | Path = "app-data"):
 
         return call
 
-    def run(name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset):
+    def run(name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset, device="auto"):
         try:
             data = run_config(
-                ws, name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset
+                ws, name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset, device
             )
             yield from start_run(ws, data)
         except QuantlabError as exc:
@@ -541,6 +552,12 @@ def build_app(workdir: str | Path = "app-data"):
                 name = gr.Textbox(label="run name", placeholder="app-<time>")
                 preset = gr.Radio(
                     list(PRESETS), value="quick", label="calibration + evaluation preset"
+                )
+                device = gr.Dropdown(
+                    device_choices(),
+                    value="auto",
+                    label="device (auto: the GPU when one is visible)",
+                    elem_id="device",
                 )
             with gr.Row():
                 ref = gr.Checkbox(value=True, label="include the unquantized model")
@@ -628,7 +645,7 @@ def build_app(workdir: str | Path = "app-data"):
         outputs = [table, size_plot, kld_plot, speed_plot, acc_plot, run_filter, model_filter]
         run_event = run_btn.click(
             run,
-            [name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset],
+            [name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset, device],
             status,
             concurrency_limit=1,
             api_name="run",
@@ -660,10 +677,10 @@ def build_app(workdir: str | Path = "app-data"):
             api_name="plan",
         )
 
-        def build(model_name, fmt_name, budget, value, v, c, b, preset_name):
+        def build(model_name, fmt_name, budget, value, v, c, b, preset_name, dev="auto"):
             try:
                 data = fit_run_config(
-                    ws, "", model_name, fmt_name, budget, value, v, c, b, preset_name
+                    ws, "", model_name, fmt_name, budget, value, v, c, b, preset_name, dev
                 )
                 yield from start_run(ws, data)
             except QuantlabError as exc:
@@ -675,7 +692,17 @@ def build_app(workdir: str | Path = "app-data"):
 
         build_event = build_btn.click(
             build,
-            [fit_model, fit_format, fit_budget, fit_value, vram, context, batch, fit_preset],
+            [
+                fit_model,
+                fit_format,
+                fit_budget,
+                fit_value,
+                vram,
+                context,
+                batch,
+                fit_preset,
+                device,
+            ],  # fmt: skip
             build_status,
             concurrency_limit=1,
             api_name="fit",

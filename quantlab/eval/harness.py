@@ -306,7 +306,7 @@ def evaluate(
                 t0 = time.perf_counter()
                 lm = (
                     llama_cpp_lm(runner)
-                    if runner.runtime == "llama.cpp"
+                    if runner.runtime.startswith("llama.cpp")
                     else hf_lm(runner.model, runner.tokenizer)
                 )
                 metrics.tasks = run_lm_eval(

@@ -90,6 +90,9 @@ class MemoryResult:
     cuda_reserved_bytes: int | None = None  # torch max reserved (the caching allocator's pool)
     process_device_bytes: int | None = None  # NVML: the process's device memory at the end
     device: str | None = None  # where the measured work ran ("cpu", "cuda:0 (NVIDIA H200)")
+    # the planner's estimate of this artifact's GPU memory at the evaluation's context and batch
+    # (`quantlab.workbench.plan.planned_vram`), set beside a measured VRAM to check the planner
+    planned_bytes: int | None = None
 
     @property
     def vram_bytes(self) -> int | None:
@@ -127,7 +130,11 @@ def peak_memory(device: str | None = None) -> Iterator[MemoryResult]:
     if device is None:
         device = "cuda:0" if torch.cuda.is_available() else "cpu"
     cuda = is_gpu(device)
-    if cuda:
+    if cuda:  # what earlier work left in torch's cache is not this block's memory
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     yield result
     result.peak_rss_bytes = _read_hwm()

@@ -145,7 +145,8 @@ class HFRunner(HFTokenizer):
 
         import torch
 
-        sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        device = self.device
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
         ids = torch.as_tensor(np.asarray(prompt, dtype=np.int64), device=self.device)[None]
         with torch.inference_mode():
             sync()
@@ -206,11 +207,14 @@ class LlamaCppRunner:
         self.path, self.name = path, path.name
         self.n_ctx = n_ctx
         gpu = str(device).startswith("cuda") and llama_cpp_gpu()
+        placement = {"n_gpu_layers": 0}
         if gpu:
             self.runtime = "llama.cpp (GPU)"
+            index = int(str(device).split(":")[1]) if ":" in str(device) else 0
+            placement = {"n_gpu_layers": -1, "main_gpu": index, "split_mode": 0}  # that GPU only
         try:
             self.llm = Llama(
-                n_gpu_layers=-1 if gpu else 0,
+                **placement,
                 model_path=str(path),
                 n_ctx=n_ctx,
                 n_batch=n_ctx,

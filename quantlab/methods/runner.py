@@ -67,6 +67,7 @@ class QuantizationResult:
     seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
     device: str = "cpu"  # where the blocks were computed
+    offloaded: bool = False  # the activations between blocks stayed on the CPU
     stage_peak_bytes: dict[str, int] = field(default_factory=dict)  # GPU: peak allocated per stage
     linears: int = 0  # linears quantized (also when a streaming sink holds their tensors)
     overrides: dict = field(default_factory=dict)  # linear -> its own config (per-module)
@@ -373,9 +374,9 @@ def _capture_first_block_inputs(model, arch: ArchSpec, ids: torch.Tensor, dtype,
     finally:
         handle.remove()
 
-    def cast(v):
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            return v.to(device=device, dtype=dtype)
+    def cast(v):  # every tensor to the device (masks, position ids too); floats to the dtype
+        if isinstance(v, torch.Tensor):
+            return v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
         if isinstance(v, tuple):
             return tuple(cast(x) for x in v)
         return v
@@ -447,13 +448,16 @@ def _compute_copy(block, device, dtype):
     if str(device) == "cpu" or _param_device(block) == torch.device(device):
         clone = copy.deepcopy(block)
     else:
-        memo = {}
+        memo = {}  # each tensor converted on its way (no float32 copy of the block on the device)
         for param in block.parameters():
+            kind = dtype if param.is_floating_point() else param.dtype
             memo[id(param)] = torch.nn.Parameter(
-                param.detach().to(device, copy=True), requires_grad=param.requires_grad
+                param.detach().to(device, kind, copy=True), requires_grad=param.requires_grad
             )
         for buf in block.buffers():
-            memo[id(buf)] = buf.to(device, copy=True)
+            memo[id(buf)] = buf.to(
+                device, dtype if buf.is_floating_point() else buf.dtype, copy=True
+            )
         clone = copy.deepcopy(block, memo)
     return clone.to(device=device, dtype=dtype)
 
@@ -515,8 +519,11 @@ def quantize_model(
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N`` or ``auto``): where each block is computed (see
     `run_block`); the model's master weights stay where they are. ``offload``: keep the
-    calibration activations between blocks on the CPU (a GPU then holds one block and one
-    chunk's activations; slower, for calibration sets that do not fit on the device).
+    calibration activations between blocks on the CPU (slower; the device still holds the
+    block and, while a layer's statistics are gathered, every chunk's input to that layer:
+    for an 8B model at 128 x 2048 bf16 tokens ~7.5 GB at down_proj). On a GPU
+    the walk offloads by itself when the activations would take more than half of the device's
+    free memory (``result.offloaded`` says so).
 
     ``calibration`` is a `CalibrationSet` (required unless the method needs none); its samples are
     processed as one batch, so memory grows with n_samples x seq_len x hidden.
@@ -552,7 +559,9 @@ def quantize_model(
     clock = StageClock(device)
     hidden = kwargs = None
     imatrix: dict[str, list] = {}
-    advice = _oom_advice(device, calibration, offload)
+    if calibration is not None and not offload:
+        offload = not _activations_fit(model, calibration, dtype, device)
+    advice = _oom_advice(device, calibration, offload, dtype)
     if calibration is not None:
         ids = torch.as_tensor(np.array(calibration.input_ids))  # a copy: ids may be read-only
         with clock.stage("capture"), device_oom("the embedding (capture)", device, advice):
@@ -568,6 +577,7 @@ def quantize_model(
     result = QuantizationResult(method, config, {}, {}, {}, 0, {}, None, 0.0, clock.seconds)
     result.overrides = overrides
     result.device = device
+    result.offloaded = offload
 
     def keep(done: BlockResult) -> None:  # the in-memory sink
         result.weights.update(done.weights)
@@ -594,13 +604,16 @@ def quantize_model(
                 for n, c in overrides.items()
                 if n.startswith(prefix + ".")
             }
-            ctx, hidden = run_block(
-                spec, config, prefix, block, arch, hidden, kwargs, imatrix,
-                dtype=dtype, device=device, configs=configs, clock=clock,
-            )  # fmt: skip
-            with clock.stage("copy"):  # everything the method made comes back to the CPU
+            try:
+                ctx, hidden = run_block(
+                    spec, config, prefix, block, arch, hidden, kwargs, imatrix,
+                    dtype=dtype, device=device, configs=configs, clock=clock,
+                )  # fmt: skip
+            finally:  # the master block goes home, also when the block failed
                 if loader is None and _param_device(block) != home:
-                    block.to(home)
+                    with clock.stage("copy"):
+                        block.to(home)
+            with clock.stage("copy"):  # everything the method made comes back to the CPU
                 quantized = {f"{prefix}.{n}": _to_cpu(qw) for n, qw in ctx.quantized.items()}
                 modified = {
                     f"{prefix}.{name}": block.get_parameter(name).detach().cpu().clone()
@@ -629,16 +642,36 @@ def quantize_model(
     result.stage_seconds = dict(clock.seconds)
     result.stage_seconds["blocks"] = result.seconds - clock.seconds.get("capture", 0.0)
     result.stage_peak_bytes = dict(clock.peak_allocated)
+    if is_gpu(device):  # hand the walk's cached blocks back (an evaluation may follow)
+        torch.cuda.empty_cache()
     return result
 
 
-def _oom_advice(device: str, calibration, offload: bool) -> str:
+def _activations_fit(model, calibration, dtype, device: str) -> bool:
+    """Whether the calibration activations between blocks (a block's inputs and outputs) take at
+    most half of ``device``'s free memory (always true on the CPU); if not, the walk keeps them
+    on the CPU (`quantize_model`'s ``offload``)."""
+    if not is_gpu(device):
+        return True
+    hidden = getattr(model.config, "hidden_size", None)
+    if not hidden:
+        return True
+    n, seq = np.shape(calibration.input_ids)
+    # a block's inputs, its outputs (and their concatenation) between blocks; offloading moves
+    # these to the CPU (the inputs of the block's stops stay on the device either way)
+    need = 3 * n * seq * hidden * torch.empty((), dtype=dtype).element_size()
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    return need <= free / 2
+
+
+def _oom_advice(device: str, calibration, offload: bool, dtype=torch.float32) -> str:
     """What to lower when a block does not fit in ``device``'s memory."""
     tips = []
     if calibration is not None:
         n, seq = np.shape(calibration.input_ids)
         tips.append(f"fewer calibration samples or a shorter sequence (now {n} x {seq})")
-        tips.append("--calib-dtype bfloat16")
+        if dtype != torch.bfloat16:
+            tips.append("--calib-dtype bfloat16")
         if is_gpu(device) and not offload:
             tips.append("--offload (activations between blocks on the CPU)")
     if is_gpu(device):

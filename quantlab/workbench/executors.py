@@ -105,7 +105,29 @@ def evaluate_variant(job: SweepJob, produced: Produced):
         cache=job.cache,
         device=job.config.device,
     )
+    _plan_beside_measured(job, metrics)
     return metrics, time.perf_counter() - start
+
+
+def _plan_beside_measured(job: SweepJob, metrics) -> None:
+    """Put the planner's estimate beside a measured VRAM (a GPU evaluation), so the report can
+    check the planner against reality: the artifact's size on disk + the KV cache and compute
+    buffer of the evaluation's longest window, batch 1."""
+    from quantlab.workbench.plan import planned_vram
+
+    memory = metrics.memory
+    if memory is None or not memory.vram_bytes or metrics.size is None:
+        return
+    context = max([p.n_ctx for p in job.eval_config.perplexity] or [2048])
+    if job.eval_config.speed:
+        speed = job.eval_config.speed_prompt_tokens + job.eval_config.speed_decode_tokens
+        context = max(context, speed)
+    try:
+        memory.planned_bytes = planned_vram(
+            job.model_ref.folder.config, metrics.size.bytes_on_disk, context
+        )
+    except Exception:  # noqa: BLE001 - a config the planner cannot read: no estimate, no check
+        memory.planned_bytes = None
 
 
 def timings(produced: Produced, metrics, evaluate_s: float) -> dict[str, float]:

@@ -309,6 +309,15 @@ def _json(path: Path) -> dict:
     return data
 
 
+def planned_vram(config: dict, weight_bytes: int, context: int, batch: int = 1) -> int:
+    """The planner's GPU memory for a model of ``config`` whose weights take ``weight_bytes``
+    (an artifact's measured size): weights + KV cache + compute buffer + runtime, as `plan`
+    counts a measured row."""
+    shapes = Shapes.from_config(config)
+    kv, compute = shapes.kv_bytes(context, batch), shapes.compute_bytes(context, batch)
+    return weight_bytes + kv + compute + RUNTIME_BYTES
+
+
 def plan(config: dict, context: int, batch: int, measured_rows=()) -> list[PlanRow]:
     """Every candidate with its memory estimate; measured variants (from the store) first."""
     shapes = Shapes.from_config(config)

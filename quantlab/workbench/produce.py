@@ -270,6 +270,8 @@ def _make(variant: Variant, shared: SharedInputs, out: Path, *, progress: bool):
             path = fmt.write(dataclasses.replace(request, result=result, model=model))
     how = " (streamed from the shards)" if variant.streaming else ""
     where = f" on {result.device}" if result.device != "cpu" else ""
+    if result.offloaded:
+        where += " (activations offloaded to the CPU)"
     took = f"{result.linears} linears in {result.seconds:.1f} s{where}{how}"
     summary = f"{variant.method} {variant.config}: {took}"
     label = fmt.label(variant.options)

@@ -36,6 +36,11 @@ def row_values(row) -> dict:
         "decode": m.speed.decode_tokens_per_s if m.speed else None,
         "prefill": m.speed.prefill_tokens_per_s if m.speed else None,
         "rss_mib": m.memory.peak_rss_bytes / MIB if m.memory and m.memory.peak_rss_bytes else None,
+        "vram_mib": m.memory.vram_bytes / MIB if m.memory and m.memory.vram_bytes else None,
+        "planned_mib": (
+            m.memory.planned_bytes / MIB if m.memory and m.memory.planned_bytes else None
+        ),
+        "device": m.memory.device if m.memory else None,
         "quantize_s": row.timings.get("quantize_s"),
         "evaluate_s": row.timings.get("evaluate_s"),
         "runtime": m.runtime,
@@ -91,6 +96,17 @@ def _fmt(value, digits: int = 2) -> str:
     return f"{value:.{digits}f}"
 
 
+def _vram_cell(v: dict) -> str:
+    """Measured VRAM, with the planner's estimate and its error when there is one."""
+    if not v["vram_mib"]:
+        return "-"
+    cell = f"{v['vram_mib']:,.0f}"
+    if v["planned_mib"]:
+        error = v["planned_mib"] / v["vram_mib"] - 1
+        cell += f" ({v['planned_mib']:,.0f}, {100 * error:+.0f}%)"
+    return cell
+
+
 def results_table(rows) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the results table (strings)."""
     values = [row_values(r) for r in rows]
@@ -108,6 +124,7 @@ def results_table(rows) -> tuple[list[str], list[list[str]]]:
         "prefill tok/s",
         "speed runtime",
         "peak RSS MiB",
+        *(["VRAM MiB (planned, error)"] if any(v["vram_mib"] for v in values) else []),
         *[t[5:] for t in tasks],
         "quantize s",
         "eval s",
@@ -128,6 +145,7 @@ def results_table(rows) -> tuple[list[str], list[list[str]]]:
                 _fmt(v["prefill"], 1),
                 v["speed_runtime"] or "-",
                 _fmt(v["rss_mib"], 0),
+                *([_vram_cell(v)] if any(x["vram_mib"] for x in values) else []),
                 *[_fmt(v.get(t), 3) for t in tasks],
                 _fmt(v["quantize_s"], 1),
                 _fmt(v["evaluate_s"], 1),
@@ -331,6 +349,9 @@ def write_report(rows, folder: str | Path, *, title: str, notes: list[str] = ())
         ]
         if hw:
             md += [f"Hardware: {hw.cpu}, {hw.cores} cores, {hw.gpu or 'no GPU'}.", ""]
+        devices = sorted({v["device"] for v in values if v["device"]})
+        if devices:
+            md += [f"Evaluated on: {', '.join(devices)}.", ""]
         md += ["## How each column was measured", ""]
         md += [f"- **{k}**: {v}" for k, v in labels.items()]
         md += [
@@ -344,6 +365,12 @@ def write_report(rows, folder: str | Path, *, title: str, notes: list[str] = ())
             "or transformers with quantlab's reference dequantization (every weight "
             "dequantized at every forward: correct, but not a quantized runtime's speed)",
             "- **peak RSS**: the evaluating process's peak resident memory",
+            "- **VRAM** (GPU evaluations): measured, not estimated - the peak of torch's "
+            "reserved device memory during the evaluation (or the process's device memory as "
+            "NVML counts it, CUDA context included, when larger), on the device named under "
+            "Hardware; in brackets the planner's estimate for the artifact (`quantlab plan`: "
+            "size + KV cache + compute buffer + 0.25 GiB at the evaluation's longest window, "
+            "batch 1) and its error against the measurement",
             "- **quantize s / eval s**: wall time of producing the artifact / of its evaluation",
             "",
             "## Results",
