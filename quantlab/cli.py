@@ -582,7 +582,13 @@ def cmd_plan(args) -> None:
         if r.measured is not None:
             m = r.measured.metrics
             extra = f"measured: KLD {m.kld.mean:.4f}, ppl {m.perplexity[0].ppl:.3f}"
-            if m.memory and m.memory.peak_rss_bytes:
+            if m.memory and m.memory.vram_bytes:
+                extra += (
+                    f"; measured VRAM {m.memory.vram_bytes / GIB:.2f} GiB on {m.memory.device}"
+                    + (f", planned {m.memory.planned_bytes / GIB:.2f}"
+                       if m.memory.planned_bytes else "")
+                )  # fmt: skip
+            elif m.memory and m.memory.peak_rss_bytes:
                 extra += f"; peak RSS {m.memory.peak_rss_bytes / GIB:.2f} GiB (CPU process)"
         print(
             f"{r.name:<26} {r.runtime:<30} {r.weights / GIB:>8.2f} {r.kv / GIB:>6.2f} "

@@ -100,6 +100,7 @@ def test_the_device_path_places_one_block_at_a_time_and_changes_nothing(
 
     kept = plain.__class__(method, config, {}, {}, {}, 0, {}, None, 0.0)
     monkeypatch.setattr(runner_mod, "is_gpu", lambda device: True)
+    monkeypatch.setattr(runner_mod, "_activations_fit", lambda *args: True)  # (asks the GPU)
     monkeypatch.setattr(torch.nn.Module, "to", spy_to)
     monkeypatch.setattr(runner_mod, "run_block", tracking_run_block)
     result = quantize_model(
@@ -162,14 +163,14 @@ def test_out_of_memory_names_the_block_and_leaves_nothing(
     calls = []
     real = gptq.gptq_quantize
 
-    def failing(W, H, cfg):
+    def failing(W, H, cfg, **kwargs):
         calls.append(1)
         if len(calls) > 4:  # the second block
             raise torch.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity of "
                 "23.6 GiB of which 1.2 GiB is free."
             )
-        return real(W, H, cfg)
+        return real(W, H, cfg, **kwargs)
 
     monkeypatch.setattr(gptq, "gptq_quantize", failing)
     for streaming in ([], ["--streaming"]):
