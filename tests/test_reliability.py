@@ -142,9 +142,11 @@ def _limited(size: int):
     return apply
 
 
-@pytest.mark.parametrize("fmt", ["gptq", "awq", "native"])
+@pytest.mark.parametrize("fmt", ["gptq", "awq", "native", "gptq-streaming"])
 def test_a_full_disk_gives_an_error_naming_the_path_and_leaves_nothing(tiny_models, tmp_path, fmt):
-    """The file-size limit makes every write past 200 kB fail, as a full disk would."""
+    """The file-size limit makes every write past 200 kB fail, as a full disk would (also
+    while a streaming run writes its shards block by block)."""
+    fmt, _, streaming = fmt.partition("-")
     out = tmp_path / "out" / fmt
     cmd = [
         sys.executable,
@@ -160,6 +162,7 @@ def test_a_full_disk_gives_an_error_naming_the_path_and_leaves_nothing(tiny_mode
         fmt,
         "--out",
         str(out),
+        *(["--streaming"] if streaming else []),
     ]
     done = subprocess.run(cmd, preexec_fn=_limited(200_000), capture_output=True, text=True)
     assert done.returncode == 2, done.stderr[-500:]

@@ -62,7 +62,9 @@ class ShardWriter:
             self._data = open(self.folder / ".shard-data", "wb")  # noqa: SIM115 (closed in flush)
         if tensor.dtype not in _ST_DTYPES:
             raise QuantlabError(f"{name}: dtype {tensor.dtype} cannot be stored in safetensors")
-        self._data.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+        # the tensor's own bytes, through the buffer protocol (no copy: an 8B model's embedding
+        # is 1 GB, and a bytes copy of it doubled the writer's peak memory)
+        self._data.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
         self._header[name] = {
             "dtype": _ST_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
