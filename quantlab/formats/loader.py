@@ -108,7 +108,14 @@ def load_quantized_folder(
     config = AutoConfig.from_pretrained(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    # built on the meta device: no float copy of the linears the checkpoint quantized (an 8B
+    # model would take 32 GB in float32 before its linears are replaced); every real tensor
+    # comes from the checkpoint, the rotary frequencies are rebuilt from the config
+    from quantlab.models.shards import rebuild_buffers
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    rebuild_buffers(model, "loading", "this architecture is not supported")
     checkpoint = LoadedCheckpoint(path, label, qc, manifest=manifest)
     for name, module in list(model.named_modules()):
         if not isinstance(module, torch.nn.Linear) or f"{name}.{marker}" not in tensors:
@@ -145,7 +152,7 @@ def _load_rest(model, tensors: dict[str, torch.Tensor]) -> None:
             )
     quant_buffers = {n for n, m in model.named_modules() if type(m).__name__ == "QuantLinear"}
     result = model.load_state_dict(
-        {k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=False
+        {k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=False, assign=True
     )
     tied = set()
     if getattr(model.config, "tie_word_embeddings", False):
@@ -159,6 +166,9 @@ def _load_rest(model, tensors: dict[str, torch.Tensor]) -> None:
     if missing:
         raise CorruptFileError(f"tensor {missing[0]} is missing ({len(missing)} missing in all)")
     model.tie_weights()
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # (a tensor the model has and neither the checkpoint nor the config provides)
+        raise CorruptFileError(f"tensor {left[0]} is missing ({len(left)} missing in all)")
 
 
 def load(path: str | Path, *, dtype: str = "float32", verify: bool = True, cache=None):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -631,6 +632,7 @@ def quantize_model(
         with clock.stage("write"):
             sink(BlockResult(i, prefix, block, quantized, modified, records))
         del ctx, quantized, modified
+        gc.collect()  # a block's tensors can sit in reference cycles (hooks, closures): free them
         if loader is not None:
             loader.release_block(prefix, block)
     bar.close()

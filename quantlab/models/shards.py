@@ -90,6 +90,15 @@ def model_skeleton(model_ref):
         model = AutoModelForCausalLM.from_config(
             config, dtype=torch.float32, trust_remote_code=model_ref.trust_remote_code
         )
+    rebuild_buffers(model, "streaming", "quantize without --streaming")
+    return model.eval()
+
+
+def rebuild_buffers(model, what: str, instead: str) -> None:
+    """Rebuild on the CPU the modules of a ``meta`` model whose non-persistent buffers (rotary
+    frequencies: computed from the config, never stored) are on ``meta``; a module that cannot
+    be rebuilt from the config alone is an error naming ``what`` failed and what to do
+    ``instead``."""
     persistent = set(model.state_dict())
     for module_name, module in list(model.named_modules()):
         meta_buffers = [
@@ -103,13 +112,11 @@ def model_skeleton(model_ref):
             rebuilt = type(module)(config=model.config)
         except TypeError:
             raise QuantlabError(
-                f"streaming cannot rebuild {module_name} ({type(module).__name__}) of "
-                f"{model_ref.folder.arch.architecture} off the meta device; quantize without "
-                "--streaming"
+                f"{what} cannot rebuild {module_name} ({type(module).__name__}) of "
+                f"{type(model).__name__} off the meta device; {instead}"
             ) from None
         parent_name, _, child = module_name.rpartition(".")
         model.get_submodule(parent_name).register_module(child, rebuilt)
-    return model.eval()
 
 
 def load_module(module, prefix: str, source: TensorSource, device: str = "cpu") -> None:
