@@ -63,23 +63,27 @@ def is_gpu(device: str) -> bool:
     return str(device).startswith("cuda")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    import platform
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_label(device: str) -> str:
     """``device`` with its hardware, for reports: ``cuda:0 (NVIDIA H200)`` or ``cpu (<model>)``."""
     if is_gpu(device):
         import torch
 
         return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
-    from pathlib import Path
-
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"cpu ({line.split(':', 1)[1].strip()})"
-    except OSError:
-        pass
-    import platform
-
-    return f"cpu ({platform.machine()})"
+    return f"cpu ({cpu_name()})"
 
 
 def process_device_memory(device: str) -> int | None:
@@ -164,10 +168,6 @@ class StageClock:
                 parent = self._stack[-1]
                 parent[1] += elapsed
                 parent[2], parent[3] = max(parent[2], alloc), max(parent[3], reserved)
-
-    def add(self, name: str, seconds: float) -> None:
-        """Count ``seconds`` measured elsewhere under ``name``."""
-        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
 
     def report(self) -> dict:
         """Seconds per stage, and on a GPU the peaks per stage in bytes, as plain data."""

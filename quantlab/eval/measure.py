@@ -190,14 +190,9 @@ class HardwareInfo:
 
 
 def hardware_info() -> HardwareInfo:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from quantlab.devices import cpu_name
+
+    cpu = cpu_name()
     versions = {"python": platform.python_version()}
     gpu = None
     import importlib.metadata as md

@@ -91,8 +91,7 @@ class BlockContext:
     ):
         self.prefix, self.block, self.compute, self.arch = prefix, block, compute, arch
         self.clock = clock or StageClock()
-        param = next(compute.parameters(), None)
-        self.device = param.device if param is not None else torch.device("cpu")
+        self.device = _param_device(compute)
         self._configs = configs or {}  # linear (block-local name) -> its own config
         self.inputs, self.kwargs = inputs, kwargs
         self.linear_names = list(arch.linears)
@@ -247,9 +246,8 @@ def _joined(xs: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _batch_slices(batch: int, seq_len: int, tokens: int | None = None) -> list[slice]:
-    per = max(
-        1, (tokens or CHUNK_TOKENS) // max(1, seq_len)
-    )  # whole sequences: attention needs them
+    # whole sequences per chunk: attention needs them
+    per = max(1, (tokens or CHUNK_TOKENS) // max(1, seq_len))
     return [slice(i, min(i + per, batch)) for i in range(0, batch, per)]
 
 
@@ -286,14 +284,13 @@ def _chunked_forward(module, inputs, kwargs, stops: list[str], at_stop) -> torch
 
     batch = inputs.shape[0]
     param = next(module.parameters(), None)
-    target = param.device if param is not None else inputs.device
     home = inputs.device
+    target = param.device if param is not None else home
     seq = inputs.shape[1] if inputs.dim() > 1 else 1
     if target.type == "cpu":
         slices = _batch_slices(batch, seq)
     else:
         slices = _batch_slices(batch, seq, GPU_CHUNK_TOKENS)
-    hooks = []
     if target != home:
         kwargs = {k: _moved(v, target) for k, v in kwargs.items()}
     hooks = []

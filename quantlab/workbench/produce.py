@@ -266,8 +266,10 @@ def _make(variant: Variant, shared: SharedInputs, out: Path, *, progress: bool):
             device=shared.device,
             offload=shared.offload,
         )
-        with _timed(result.stage_seconds, "write"):
-            path = fmt.write(dataclasses.replace(request, result=result, model=model))
+        written = time.perf_counter()
+        path = fmt.write(dataclasses.replace(request, result=result, model=model))
+        took = time.perf_counter() - written
+        result.stage_seconds["write"] = result.stage_seconds.get("write", 0.0) + took
     how = " (streamed from the shards)" if variant.streaming else ""
     where = f" on {result.device}" if result.device != "cpu" else ""
     if result.offloaded:
@@ -280,20 +282,6 @@ def _make(variant: Variant, shared: SharedInputs, out: Path, *, progress: bool):
     made.stage_seconds = dict(result.stage_seconds)
     made.stage_peak_bytes = dict(result.stage_peak_bytes)
     return made
-
-
-class _timed:
-    """Add the enclosed block's wall time to ``stages[name]``."""
-
-    def __init__(self, stages: dict, name: str):
-        self.stages, self.name = stages, name
-
-    def __enter__(self):
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        took = time.perf_counter() - self.start
-        self.stages[self.name] = self.stages.get(self.name, 0.0) + took
 
 
 def _base_model(model_ref) -> tuple[str, str]:
