@@ -15,6 +15,8 @@ A group size that does not divide ``in_features`` leaves a shorter last group.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from quantlab.errors import ConfigError
@@ -27,6 +29,7 @@ __all__ = [
     "fake_quantize",
     "natural_g_idx",
     "quantize_codes",
+    "quantize_groups",
     "quantize_rtn",
     "scale_zero",
 ]
@@ -84,6 +87,16 @@ def natural_g_idx(in_features: int, group_size: int, device=None) -> torch.Tenso
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> QuantizedWeight:
     """Round-to-nearest quantization of a (out, in) weight, group by group (all groups at once:
     the same values as quantizing each group on its own)."""
+    return quantize_groups(w, bits, group_size, sym, scale_zero)
+
+
+def quantize_groups(
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, fit: Callable
+) -> QuantizedWeight:
+    """Quantize a (out, in) weight group by group with the scale and zero point that
+    ``fit(groups, bits, sym) -> (scale, zero)`` chooses for a (n, size) float32 matrix of groups
+    (one group per row; each (n, 1)): `scale_zero` for RTN, HQQ's optimiser for HQQ. Scales
+    must be float16 values and zeros integers in [0, 2**bits - 1] (what every format stores)."""
     check_bits_and_group(bits, group_size)
     out, cols = w.shape
     size = group_size if group_size > 0 else cols
@@ -92,12 +105,12 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool) -> Quan
     parts = []  # (codes, scales, zeros) of the whole groups, then of a shorter last group
     if full:
         head = w[:, : full * size].reshape(out * full, size)
-        scale, zero = scale_zero(head, bits, sym)
+        scale, zero = fit(head, bits, sym)
         codes = quantize_codes(head, scale, zero, bits).reshape(out, full * size)
         parts.append((codes, scale.reshape(out, full), zero.reshape(out, full)))
     if full * size < cols:
         tail = w[:, full * size :]
-        scale, zero = scale_zero(tail, bits, sym)
+        scale, zero = fit(tail, bits, sym)
         parts.append((quantize_codes(tail, scale, zero, bits), scale, zero))
     codes = torch.cat([p[0] for p in parts], dim=1).to(torch.uint8)
     scales = torch.cat([p[1] for p in parts], dim=1)

@@ -212,7 +212,34 @@ def unpack_awq(
     )
 
 
-# --- compressed-tensors pack-quantized (read) -----------------------------------------------
+# --- compressed-tensors pack-quantized -------------------------------------------------------
+
+
+def pack_compressed(name: str, qw: QuantizedWeight) -> dict[str, torch.Tensor]:
+    """One linear as compressed-tensors ``pack-quantized`` tensors (the layout above): codes and
+    zero points are stored as they are (``stored = signed + 2**(bits-1)`` is quantlab's unsigned
+    code), scales in float16 (quantlab's scales are float16 values). compressed-tensors 0.19
+    has no ``g_idx`` (its group act-order was removed): an act-order result must use static
+    groups, and whole groups (``in % group_size == 0``)."""
+    out, cols = qw.shape
+    if qw.act_order:
+        raise FormatError(
+            f"{name}: act-order without static groups (a g_idx) cannot be written as "
+            "compressed-tensors (its loaders dropped g_idx); quantize with static_groups"
+        )
+    if qw.group_size > 0 and cols % qw.group_size:
+        raise FormatError(
+            f"{name}: in_features={cols} is not a multiple of group_size {qw.group_size}, "
+            "which compressed-tensors needs"
+        )
+    parts = {
+        "weight_packed": pack_bits(qw.qweight, qw.bits),
+        "weight_scale": _fp16_scales(name, qw).contiguous(),
+        "weight_shape": torch.tensor([out, cols], dtype=torch.int64),
+    }
+    if not qw.sym:
+        parts["weight_zero_point"] = pack_bits(qw.zeros.T.contiguous(), qw.bits).T.contiguous()
+    return parts
 
 
 def unpack_compressed(

@@ -1,0 +1,116 @@
+"""The compressed-tensors writer: its tensors decompress bit for bit through compressed-tensors'
+own decompressor, its config parses as compressed-tensors' own `QuantizationConfig`, and
+transformers loads the folder to quantlab's logits. Needs the ``reference`` extra (CI has it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from quantlab.errors import ConfigError, FormatError
+from quantlab.formats import get_format, layouts, write_artifact
+from quantlab.formats.loader import load
+from quantlab.methods.gptq import GPTQConfig
+from quantlab.methods.hqq import HQQConfig, quantize_hqq
+from quantlab.methods.rtn import RTNConfig
+from quantlab.methods.runner import quantize_model
+from quantlab.models import load_model, resolve_model
+from quantlab.primitives import quantize_rtn
+
+ct = pytest.importorskip("compressed_tensors")
+IDS = torch.randint(0, 250, (2, 24), generator=torch.Generator().manual_seed(0))
+FMT = get_format("compressed-tensors")
+
+
+@pytest.fixture(scope="module")
+def calibration(tiny_models):
+    from quantlab.data import CalibrationConfig, calibration_for
+
+    ref = resolve_model(str(tiny_models["tiny-llama"]))
+    cfg = CalibrationConfig(corpus="pydoc", split="all", n_samples=4, seq_len=64)
+    return calibration_for(ref, cfg)[1]
+
+
+def _scheme(qc: dict):
+    """compressed-tensors' own parse of the config quantlab wrote (validates it too)."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    parsed = QuantizationConfig.model_validate(qc)
+    assert parsed.format == "pack-quantized" and parsed.quant_method == "compressed-tensors"
+    (scheme,) = parsed.config_groups.values()
+    return scheme
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("group_size", [32, -1])
+@pytest.mark.parametrize("sym", [True, False])
+def test_their_decompressor_gives_our_dequantized_weight_bit_for_bit(bits, group_size, sym):
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(bits)) * 0.05
+    qw = quantize_hqq(w, HQQConfig(bits=bits, group_size=group_size, sym=sym))
+    packed = layouts.pack_compressed("w", qw)
+    assert packed["weight_packed"].dtype == torch.int32
+    assert ("weight_zero_point" in packed) == (not sym)
+    qc = FMT.quantization_config("hqq", None, {"w": qw}, FMT.options())
+    scheme = _scheme(qc)
+    assert scheme.weights.num_bits == bits and scheme.weights.symmetric == sym
+    # float32 scales: their dequantization then computes in float32, as quantlab's does
+    state = {**packed, "weight_scale": packed["weight_scale"].float()}
+    theirs = PackedQuantizationCompressor.decompress(state, scheme)["weight"]
+    assert torch.equal(theirs, qw.dequantize())
+    back = layouts.unpack_compressed(
+        "w", packed, bits=bits, group_size=group_size, sym=sym, dtype=torch.float32
+    )
+    for a, b in ((back.qweight, qw.qweight), (back.scales, qw.scales), (back.zeros, qw.zeros)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "method, config",
+    [
+        ("rtn", RTNConfig(bits=4, group_size=64, sym=True)),
+        ("hqq", HQQConfig(bits=8, group_size=-1)),
+        ("gptq", GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True)),
+    ],
+)
+def test_transformers_loads_what_quantlab_writes(
+    tiny_models, calibration, tmp_path, method, config
+):
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(str(tiny_models["tiny-llama"]))
+    model = load_model(source)
+    calib = calibration if method == "gptq" else None
+    result = quantize_model(model, source.folder.arch, method, config, calib, progress=False)
+    out = write_artifact("compressed-tensors", tmp_path / "ct", source, result=result, model=model)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    scheme = _scheme(qc)
+    assert scheme.weights.actorder == ("weight" if method == "gptq" else None)
+    mine, checkpoint = load(out, dtype="float32")
+    assert checkpoint.format == "compressed-tensors"
+    assert set(checkpoint.weights) == set(result.weights)
+    for name, qw in result.weights.items():
+        assert torch.equal(checkpoint.weights[name].dequantize(), qw.dequantize()), name
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        a, b = mine(IDS).logits, theirs(IDS).logits
+    assert float((a - b).abs().max() / b.abs().max()) < 1e-5
+    assert FMT.size(out).linear_weights == sum(q.qweight.numel() for q in result.weights.values())
+
+
+def test_what_compressed_tensors_cannot_hold_is_refused_before_any_work(tmp_path):
+    from quantlab.workbench.config import parse_variant
+
+    with pytest.raises(ConfigError, match="g_idx"):
+        parse_variant({"method": "gptq", "act_order": True, "format": "compressed-tensors"})
+    parse_variant(
+        {"method": "gptq", "act_order": True, "static_groups": True, "format": "compressed-tensors"}
+    )
+    reason = FMT.preflight(RTNConfig(group_size=128), FMT.options(), {"m.down": (64, 576)})
+    assert "not a multiple of group_size 128" in reason
+    qw = quantize_rtn(torch.randn(8, 100), 4, 64, False)  # a shorter last group
+    with pytest.raises(FormatError, match="not a multiple"):
+        layouts.pack_compressed("m.w", qw)
