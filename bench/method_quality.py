@@ -9,12 +9,22 @@ divergence against the unquantized model on the same windows. Prints one table w
 perplexity relative to fp32 and to RTN at the same width, and writes it as JSON.
 
     python bench/method_quality.py [--bits 3,4,8] [--group-size 128] [--eval-tokens 32768]
+
+``--heldout`` instead measures every method *with its own defaults* (only the bit width and the
+group size are set) at ``--bits`` x ``--group-sizes`` (64,128), on each of ``--corpora``
+(WikiText-2 test, the local C4 validation sample, LAMBADA passages: none of them is calibration
+text), perplexity and KLD/top-1 against the unquantized model on each, and prints one table.
+``--try gptq:sym=false,act_order=true`` (repeatable) adds a variant with other settings, to
+check a default against its alternatives:
+
+    python bench/method_quality.py --heldout [--methods rtn,hqq,gptq,awq] [--eval-tokens 8192]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +48,17 @@ def main() -> int:
     )
     p.add_argument("--act-order", action="store_true", help="GPTQ with act-order (desc_act)")
     p.add_argument("--json", default=str(ROOT / "results" / "bench-method-quality.json"))
+    p.add_argument("--heldout", action="store_true", help="defaults on held-out corpora")
+    p.add_argument("--group-sizes", default="64,128", help="with --heldout")
+    p.add_argument("--corpora", default="wikitext2:test,c4:validation,lambada:test")
+    p.add_argument("--try", dest="tries", action="append", default=[], metavar="METHOD:K=V,...")
+    p.add_argument("--table", help="print the held-out table of a stored JSON run and stop")
     args = p.parse_args()
+    if args.table:
+        print_heldout(json.loads(Path(args.table).read_text()))
+        return 0
+    if args.heldout:
+        return heldout(args)
 
     from quantlab.data.calibration import CalibrationConfig, build_calibration
     from quantlab.data.corpora import load_corpus
@@ -117,6 +137,140 @@ def main() -> int:
     Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.json}")
     return 0
+
+
+def _parse_try(text: str) -> tuple[str, dict]:
+    method, _, body = text.partition(":")
+    settings = {}
+    for item in filter(None, body.split(",")):
+        key, _, value = item.partition("=")
+        low = value.lower()
+        settings[key] = (
+            low == "true" if low in ("true", "false") else int(value) if value.isdigit() else value
+        )
+    return method, settings
+
+
+def heldout(args) -> int:
+    """Every method's defaults (and ``--try`` alternatives) on held-out corpora."""
+    import resource
+
+    from quantlab.data.calibration import CalibrationConfig, build_calibration
+    from quantlab.data.corpora import load_corpus
+    from quantlab.eval.harness import EvalConfig, evaluate
+    from quantlab.eval.perplexity import PerplexityConfig
+    from quantlab.formats.native import write_native
+    from quantlab.methods import get_method
+    from quantlab.methods.runner import quantize_model
+    from quantlab.models import load_model, load_tokenizer, resolve_model
+
+    source = resolve_model(args.model)
+    calib_cfg = CalibrationConfig("c4", "train", args.n_samples, args.seq_len)
+    calibration = build_calibration(load_tokenizer(source), load_corpus("c4", "train"), calib_cfg)
+    corpora = [tuple(c.split(":")) for c in args.corpora.split(",")]
+    ppls = {
+        c: PerplexityConfig(
+            corpus=c[0], split=c[1], protocol="gptq", max_tokens=args.eval_tokens or None
+        )
+        for c in corpora
+    }
+
+    def measure(target, kld=True) -> dict:
+        out = {}
+        for c, ppl in ppls.items():
+            config = EvalConfig(perplexity=(ppl,), kld=kld)
+            m = evaluate(str(target), config, reference=args.model if kld else None)
+            out[":".join(c)] = {
+                "ppl": m.perplexity[0].ppl,
+                "kld": m.kld.mean if m.kld else 0.0,
+                "top1": m.kld.top1_agreement if m.kld else 1.0,
+                "tokens": m.perplexity[0].scored_tokens,
+            }
+        return out
+
+    variants = [(m, {}) for m in args.methods.split(",") if m] + [_parse_try(t) for t in args.tries]
+    rows = [{"method": "fp32", "settings": "", "bits": 32, "group": 0, "seconds": 0.0}]
+    rows[0]["corpora"] = measure(args.model, kld=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in (int(b) for b in args.bits.split(",")):
+            for group in (int(g) for g in args.group_sizes.split(",")):
+                for method, settings in variants:
+                    spec = get_method(method)
+                    cfg = spec.config_cls(bits=bits, group_size=group, **settings)
+                    model = load_model(source)
+                    start = time.perf_counter()
+                    result = quantize_model(
+                        model, source.folder.arch, method, cfg,
+                        calibration if spec.needs_calibration else None,
+                        calib_dtype=args.calib_dtype, progress=False,
+                    )  # fmt: skip
+                    seconds = time.perf_counter() - start
+                    label = ",".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
+                    out = write_native(result, source, Path(tmp) / f"{method}-{bits}-{group}")
+                    row = {
+                        "method": method, "settings": label, "bits": bits, "group": group,
+                        "config": {k: v for k, v in vars(cfg).items()}, "seconds": seconds,
+                        "corpora": measure(out),
+                    }  # fmt: skip
+                    rows.append(row)
+                    shutil.rmtree(out, ignore_errors=True)
+                    done = " ".join(
+                        f"{k} ppl {v['ppl']:.3f} KLD {v['kld']:.4f}"
+                        for k, v in row["corpora"].items()
+                    )
+                    print(f"{method} {label} w{bits} g{group}: {done}", file=sys.stderr)
+                    partial = {"args": vars(args), "rows": rows, "complete": False}
+                    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                    Path(args.json).write_text(json.dumps(partial, indent=2) + "\n")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    names = [":".join(c) for c in corpora]
+    tokens = {n: rows[0]["corpora"][n]["tokens"] for n in names}
+    header = (
+        f"{args.model}: every method's defaults (bits and group size set), calibration C4 train "
+        f"{args.n_samples} x {args.seq_len} (seed 0, {calibration.sha256[:12]}), calib dtype "
+        f"{args.calib_dtype}; held-out: "
+        + ", ".join(f"{n} ({tokens[n]} tokens)" for n in names)
+        + f", gptq protocol; peak RSS of the whole run {peak:.0f} MiB"
+    )
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    stored = {"args": vars(args), "rows": rows, "complete": True, "header": header}
+    Path(args.json).write_text(json.dumps(stored, indent=2) + "\n")
+    print_heldout(stored)
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+def print_heldout(stored: dict) -> None:
+    """The held-out table of a stored run (complete, or the rows so far of one still running:
+    ``python bench/method_quality.py --table FILE.json``)."""
+    rows = stored["rows"]
+    names = list(rows[0]["corpora"])
+    print(f"\n{stored.get('header') or '(a run in progress: the rows so far)'}\n")
+    head = "| method | settings | bits | group | " + " | ".join(f"{n} ppl | {n} KLD" for n in names)
+    print(head + " | top-1 (mean) | seconds |")
+    print("|" + "---|" * (6 + 2 * len(names)))
+    for r in rows:
+        cells = []
+        for n in names:
+            c = r["corpora"][n]
+            rtn = next(
+                (
+                    x["corpora"][n]
+                    for x in rows
+                    if x["method"] == "rtn" and x["settings"] == "defaults"
+                    and (x["bits"], x["group"]) == (r["bits"], r["group"])
+                ),
+                None,
+            )  # fmt: skip
+            vs = f" ({100 * (c['ppl'] / rtn['ppl'] - 1):+.1f} %)" if rtn and c is not rtn else ""
+            cells += [f"{c['ppl']:.3f}{vs}", f"{c['kld']:.4f}"]
+        top1 = sum(r["corpora"][n]["top1"] for n in names) / len(names)
+        group = r["group"] or "-"
+        print(
+            f"| {r['method']} | {r['settings']} | {r['bits']} | {group} | "
+            + " | ".join(cells)
+            + f" | {top1:.3f} | {r['seconds']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

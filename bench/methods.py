@@ -60,7 +60,10 @@ def worker(args) -> int:
         calibration = _calibration(args.model, args.n_samples, args.seq_len)
         assert np.array_equal(calibration.input_ids, ids), "calibration tokens differ"
         spec = get_method(args.method)
-        config = spec.config_cls(bits=args.bits, group_size=args.group_size, sym=args.sym)
+        # like for like with the toolkits' own defaults: GPTQ without act-order
+        fields = {f.name for f in spec.fields()}
+        plain = {k: False for k in ("act_order", "static_groups") if k in fields}
+        config = spec.config_cls(bits=args.bits, group_size=args.group_size, sym=args.sym, **plain)
         model = load_model(source)
         result = quantize_model(
             model,

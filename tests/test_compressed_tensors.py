@@ -101,14 +101,15 @@ def test_transformers_loads_what_quantlab_writes(
     assert FMT.size(out).linear_weights == sum(q.qweight.numel() for q in result.weights.values())
 
 
-def test_what_compressed_tensors_cannot_hold_is_refused_before_any_work(tmp_path):
+def test_what_compressed_tensors_cannot_hold_is_refused_before_any_work():
     from quantlab.workbench.config import parse_variant
 
-    with pytest.raises(ConfigError, match="g_idx"):
-        parse_variant({"method": "gptq", "act_order": True, "format": "compressed-tensors"})
-    parse_variant(
-        {"method": "gptq", "act_order": True, "static_groups": True, "format": "compressed-tensors"}
-    )
+    # act-order with static groups keeps groups consecutive: every such layout holds it
+    for fmt, extra in (("awq", {}), ("compressed-tensors", {}), ("gguf", {"group_size": 32})):
+        act = {"method": "gptq", "bits": 4, "act_order": True, "format": fmt, **extra}
+        parse_variant({**act, "static_groups": True})
+        with pytest.raises(ConfigError, match="g_idx"):
+            parse_variant({**act, "static_groups": False})
     reason = FMT.preflight(RTNConfig(group_size=128), FMT.options(), {"m.down": (64, 576)})
     assert "not a multiple of group_size 128" in reason
     qw = quantize_rtn(torch.randn(8, 100), 4, 64, False)  # a shorter last group

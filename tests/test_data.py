@@ -38,6 +38,15 @@ def test_c4_sample_splits(data_root):
     assert not train.standard and "sample" in train.note
 
 
+def test_lambada_passages_are_held_out_text_for_perplexity(data_root):
+    corpus = load_corpus("lambada", "test", data_root=data_root)
+    assert len(corpus.documents) == 5153
+    assert corpus.documents[0].startswith("In my palm is a clear stone")
+    assert not corpus.standard and "last-word" in corpus.note  # not LAMBADA's own metric
+    calib = {d[:200] for d in load_corpus("c4", "train", data_root=data_root).documents}
+    assert not calib & {d[:200] for d in corpus.documents}  # never calibration text
+
+
 def test_unknown_corpus_and_split():
     with pytest.raises(DataError, match="unknown corpus 'nope'"):
         load_corpus("nope")

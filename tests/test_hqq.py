@@ -72,6 +72,7 @@ def test_the_shrink_operator_is_the_dense_formula():
         mag = x.abs().clamp_min(1e-12)
         dense = torch.sign(x) * torch.relu(mag - mag.pow(p - 1) / beta)
         torch.testing.assert_close(shrink_lp(x, beta, p), dense, rtol=0, atol=1e-7)
+    assert shrink_lp(x * 0.01, 10.0, 0.7) is None  # errors below the threshold: nothing to shrink
 
 
 def test_hqq_starts_from_rtn_and_an_all_zero_group_stays_valid():

@@ -61,7 +61,11 @@ def ours_written(tiny_models, tmp_path_factory):
     )
     out = {}
     for fmt, method, config in (
-        ("gptq", "gptq", GPTQConfig(bits=4, group_size=64, sym=True, act_order=True)),
+        (
+            "gptq",
+            "gptq",
+            GPTQConfig(bits=4, group_size=64, sym=True, act_order=True, static_groups=False),
+        ),
         ("awq", "rtn", RTNConfig(bits=4, group_size=64, sym=False)),
     ):
         model = load_model(source)

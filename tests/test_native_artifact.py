@@ -26,6 +26,7 @@ def artifact(tiny_models, tmp_path_factory):
             "--group-size",
             "64",
             "--act-order",
+            "--no-static-groups",  # act-order's g_idx (static groups, the default, has none)
             "--calib",
             "pydoc",
             "--n-samples",

@@ -126,8 +126,8 @@ def test_streaming_refuses_what_it_cannot_write_before_any_work(tiny_models, tmp
     args = ["quantize", model, "--method", "rtn", "--streaming", "--out", str(tmp_path / "o")]
     assert main(args) == 2  # native (the default format) stores deltas against a loaded model
     assert (
-        "streaming applies to quantlab's methods with a format written block by block (awq, gptq)"
-        in capsys.readouterr().err
+        "streaming applies to quantlab's methods with a format written block by block "
+        "(awq, compressed-tensors, gptq)" in capsys.readouterr().err
     )
     assert not (tmp_path / "o").exists()
 

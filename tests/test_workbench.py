@@ -69,7 +69,7 @@ def test_shipped_configs_load(name):
         (lambda c: c["variants"][1].update(bits="4"), "variants[1].bits: '4' is not a valid int"),
         (
             lambda c: c["variants"][1].update(format="exl2"),
-            "format must be one of awq, gguf, gptq, native",
+            "format must be one of awq, compressed-tensors, gguf, gptq, native",
         ),
         (lambda c: c["variants"].append({"gguf_type": "IQ2_XS"}), "needs imatrix: true"),
         (lambda c: c["variants"].append({"gguf_type": "Q9_K"}), "gguf_type must be one of"),

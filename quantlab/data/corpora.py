@@ -184,6 +184,24 @@ def _c4(split: str, data_root: Path | None) -> Corpus:
     return Corpus("c4", split, tuple(docs), f"hub:allenai/c4 {C4_HUB_FILES[split]}", standard=True)
 
 
+LAMBADA_NOTE = "perplexity over whole passages (not LAMBADA's last-word task, which lm-eval runs)"
+
+
+@register_corpus("lambada", ("test",), "LAMBADA passages (Paperno et al. 2016): novels")
+def _lambada(split: str, data_root: Path | None) -> Corpus:
+    path = _local(data_root, "lambada", "lambada_test.jsonl")
+    if path is not None:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        docs = tuple(json.loads(line)["text"] for line in lines if line.strip())
+        return Corpus("lambada", split, docs, str(path), standard=False, note=LAMBADA_NOTE)
+    try:
+        docs = _from_hub("EleutherAI/lambada_openai", "default", "test")
+    except DataError as exc:
+        raise _unavailable("lambada", "lambada/lambada_test.jsonl", exc) from None
+    hub = "hub:EleutherAI/lambada_openai"
+    return Corpus("lambada", split, tuple(docs), hub, standard=False, note=LAMBADA_NOTE)
+
+
 @register_corpus("pydoc", ("all",), "embedded fallback: Python's documentation (pydoc_data)")
 def _pydoc(split: str, data_root: Path | None) -> Corpus:
     from pydoc_data.topics import topics

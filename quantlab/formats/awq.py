@@ -3,8 +3,9 @@ GPTQModel load. Layout of one linear: `quantlab.formats.layouts` (``pack_awq`` /
 
 ``quantization_config``: ``quant_method: awq``, ``bits: 4``, ``group_size``, ``zero_point: true``,
 ``version: gemm``. 4-bit codes only, consecutive whole groups (``in % group_size == 0``), no
-``g_idx`` (so no act-order), ``out % 8 == 0``. Any method's result that fits is written, not only
-AWQ's (the format is a layout; AWQ's scaling is already folded into the weights and norms).
+``g_idx`` (so act-order only with static groups), ``out % 8 == 0``. Any method's result that
+fits is written, not only AWQ's (the format is a layout; AWQ's scaling is already folded into
+the weights and norms).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from quantlab.errors import QuantlabError
 from quantlab.formats import layouts
 from quantlab.formats.checkpoint import HFCheckpointFormat
-from quantlab.formats.registry import register_format
+from quantlab.formats.registry import gathers_columns, register_format
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,11 @@ class AWQFormat(HFCheckpointFormat):
         reason = super().accepts(method, config, options, imatrix=imatrix)
         if reason or config is None:
             return reason
-        if getattr(config, "bits", None) != 4 or getattr(config, "act_order", False):
-            return "format awq (GEMM) holds 4-bit weights without act-order"
+        if getattr(config, "bits", None) != 4 or gathers_columns(config):
+            return (
+                "format awq (GEMM) holds 4-bit weights without g_idx "
+                "(act-order needs static_groups)"
+            )
         if getattr(config, "group_size", -1) <= 0:
             return "format awq (GEMM) needs a group size (per-channel -1 is not an AWQ layout)"
         return None

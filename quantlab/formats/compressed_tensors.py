@@ -23,7 +23,7 @@ from pathlib import Path
 from quantlab.errors import CorruptFileError, QuantlabError
 from quantlab.formats import layouts
 from quantlab.formats.checkpoint import HFCheckpointFormat
-from quantlab.formats.registry import register_format
+from quantlab.formats.registry import gathers_columns, register_format
 
 CT_VERSION = "0.19.0"  # the compressed-tensors release whose config this writes
 
@@ -51,7 +51,7 @@ class CompressedTensorsFormat(HFCheckpointFormat):
             return reason
         if getattr(config, "bits", None) not in (2, 3, 4, 8):
             return "format compressed-tensors holds 2, 3, 4 or 8-bit integer weights"
-        if getattr(config, "act_order", False) and not getattr(config, "static_groups", False):
+        if gathers_columns(config):
             return (
                 "format compressed-tensors has no g_idx (removed in compressed-tensors 0.19): "
                 "act-order needs static_groups"

@@ -20,7 +20,13 @@ from pathlib import Path
 
 from quantlab.errors import ConfigError, CorruptFileError, QuantlabError
 from quantlab.formats.gguf_quant import GGUF_TYPES, NEEDS_IMATRIX, imatrix_file
-from quantlab.formats.registry import ArtifactSize, Format, WriteRequest, register_format
+from quantlab.formats.registry import (
+    ArtifactSize,
+    Format,
+    WriteRequest,
+    gathers_columns,
+    register_format,
+)
 
 LOSSLESS_BLOCK = 32  # GGUF's Q4_0 / Q4_1 / Q8_0 blocks hold 32 consecutive weights
 # the types a front end offers first (the app's checkboxes); every GGUF_TYPES entry is accepted
@@ -88,11 +94,10 @@ class GGUFFormat(Format):
                 "itself is written as Q4_0/Q4_1/Q8_0 blocks)"
             )
         bits, sym = getattr(config, "bits", None), getattr(config, "sym", None)
-        if getattr(config, "group_size", None) != LOSSLESS_BLOCK or getattr(
-            config, "act_order", False
-        ):
+        if getattr(config, "group_size", None) != LOSSLESS_BLOCK or gathers_columns(config):
             return (
-                "format gguf with a method writes blocks of 32 weights: group_size 32, no act_order"
+                "format gguf with a method writes blocks of 32 weights: group_size 32, no g_idx "
+                "(act-order needs static_groups)"
             )
         if (bits, sym) not in ((4, True), (4, False), (8, True)):
             return (

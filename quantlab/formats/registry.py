@@ -23,6 +23,13 @@ from pathlib import Path
 from quantlab.errors import ConfigError, QuantlabError
 
 
+def gathers_columns(config) -> bool:
+    """Whether a method's result under ``config`` maps columns to groups out of order (a
+    ``g_idx``): act-order without static groups. Layouts with consecutive groups (AWQ, GGUF
+    blocks, compressed-tensors 0.19) cannot hold it; act-order with static groups they can."""
+    return bool(getattr(config, "act_order", False)) and not getattr(config, "static_groups", False)
+
+
 @dataclass(frozen=True)
 class NoOptions:
     """The options of a format that has none."""

@@ -10,13 +10,13 @@ alpha on a grid of ``n_grid`` points in [0, 1), minimising the output error of t
     H = 2 X^T X / n,
 
 which quantlab evaluates from the layer's Hessian ``H`` (d x d) instead of re-running the layers
-on every token (on CPU the grid is first screened with bf16 products and the float32 criterion
-decides among the ``screen`` best). ``s`` is folded into the producer of ``X`` (a norm's
-weight, or the rows of the previous linear) and into the linears' columns, so the unquantized
-function is unchanged. Then, as llm-awq's ``auto_clip``, each (row, group) gets the clipping
-range ``max|w| * (1 - i / n_grid)``,
-``i < max_shrink * n_grid``, minimising that group's output error (the group's diagonal block of
-``H``); q_proj and k_proj are not clipped (``ArchSpec.no_clip``). Quantization is asymmetric RTN.
+on every token (on a CPU with bf16 units the grid is first screened with bf16 products and the
+float32 criterion decides among the ``screen`` best). ``s`` is folded into the producer of ``X``
+(a norm's weight, or the rows of the previous linear) and into the linears' columns, so the
+unquantized function is unchanged. Then, as llm-awq's ``auto_clip``, each (row, group) gets the
+clipping range ``max|w| * (1 - i / n_grid)``, ``i < max_shrink * n_grid``, minimising that
+group's output error (the group's diagonal block of ``H``); q_proj and k_proj are not clipped
+(``ArchSpec.no_clip``). Quantization is asymmetric RTN.
 
 The searched scales and clips are returned as data (`AWQSearch`) so they can be saved and replayed.
 """
@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from quantlab.devices import cpu_has_bf16
 from quantlab.errors import ConfigError
 from quantlab.methods.registry import register_method
 from quantlab.primitives import check_bits_and_group, fake_quantize, quantize_rtn
@@ -103,7 +104,9 @@ def search_scale(
 ) -> tuple[torch.Tensor, float]:
     """The per-input-channel scale ``s`` (in,) minimising the group's output error, and alpha."""
     W = torch.cat(weights)  # the group's linears share H: one product for all their rows
-    low = H.device.type == "cpu" and (cfg.fast_search or cfg.screen > 0)
+    # bf16 screening pays only where the CPU has bf16 units; elsewhere float32 throughout (the
+    # exact criterion for every candidate: what screening approximates)
+    low = H.device.type == "cpu" and cpu_has_bf16() and (cfg.fast_search or cfg.screen > 0)
     H_search = H.bfloat16() if low else H
 
     def candidate(step: int):

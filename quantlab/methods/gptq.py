@@ -35,11 +35,15 @@ from quantlab.types import QuantizedWeight
 class GPTQConfig:
     bits: int = 4
     group_size: int = 128  # -1 = one group per output row
-    sym: bool = True
+    # defaults: the best held-out quality that every format and kernel runs (docs/METHODS.md,
+    # `bench/method_quality.py --heldout`): zero points like RTN, HQQ and AWQ; act-order (desc_act)
+    # with static groups, so groups stay consecutive (no g_idx: AWQ, GGUF blocks,
+    # compressed-tensors and the CPU int4 kernels hold it)
+    sym: bool = False
     damp_percent: float = 0.01
     block_size: int = 128
-    act_order: bool = False  # desc_act
-    static_groups: bool = False
+    act_order: bool = True  # desc_act
+    static_groups: bool = True
     true_sequential: bool = True  # each input group sees the previous groups already quantized
     version: int = 1
 

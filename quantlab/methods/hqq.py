@@ -56,17 +56,17 @@ class HQQConfig:
             )
 
 
-def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
+def shrink_lp(x: torch.Tensor, beta: float, p: float) -> torch.Tensor | None:
     """The generalised soft threshold: ``argmin_e |e|_p + beta/2 |x - e|^2`` (HQQ's eq. 6),
     ``sign(x) * max(|x| - |x|**(p-1) / beta, 0)``. It is non-zero only where
     ``|x| > beta**(-1 / (2 - p))``, which weight errors seldom reach: the power is computed
-    there only."""
-    mag = x.abs()
-    live = mag > beta ** (-1.0 / (2.0 - p))
+    there only, and None stands for all zeros."""
+    live = x.abs() > beta ** (-1.0 / (2.0 - p))
+    if not bool(live.any()):
+        return None
     out = torch.zeros_like(x)
-    if bool(live.any()):
-        m = mag[live]
-        out[live] = torch.sign(x[live]) * torch.relu(m - m.pow(p - 1) / beta)
+    m = x[live].abs()
+    out[live] = torch.sign(x[live]) * torch.relu(m - m.pow(p - 1) / beta)
     return out
 
 
@@ -85,18 +85,15 @@ def hqq_scale_zero(
     maxq = 2**bits - 1
     w = w.float()
     scale, zero = scale_zero(w, bits, sym)
-
-    def error(w, s, z):
-        q = quantize_codes(w, s, z, bits)
-        return q, (w - s * (q - z)).abs().mean(dim=1, keepdim=True)
-
-    q, best_err = error(w, scale, zero)
+    q = quantize_codes(w, scale, zero, bits)
+    resid = w - scale * (q - zero)  # what the grid leaves of w: the shrink's input
+    best_err = resid.abs().mean(dim=1, keepdim=True)
     best_s, best_z = scale.clone(), zero.clone()
     rows = torch.arange(w.shape[0], device=w.device)  # the groups still improving
     beta = config.beta
     for _ in range(config.iters):
-        e = shrink_lp(w - scale * (q - zero), beta, config.lp_norm)
-        target = w - e
+        e = shrink_lp(resid, beta, config.lp_norm)
+        target = w if e is None else w - e
         if not sym:
             zero = (q - target / scale).mean(dim=1, keepdim=True).round().clamp(0, maxq)
         d = q - zero
@@ -104,12 +101,16 @@ def hqq_scale_zero(
         fitted = (target * d).sum(dim=1, keepdim=True) / dd.clamp_min(1e-12)
         scale = torch.where((dd > 0) & (fitted > 0), _fp16_nearest(fitted), scale)
         beta *= config.kappa
-        q, err = error(w, scale, zero)
+        q = quantize_codes(w, scale, zero, bits)
+        resid = w - scale * (q - zero)
+        err = resid.abs().mean(dim=1, keepdim=True)
         better = (err < best_err[rows]).squeeze(1)
         if not bool(better.any()):  # HQQ stops once the error stops falling
             break
-        rows, w, q, scale, zero = rows[better], w[better], q[better], scale[better], zero[better]
-        best_err[rows], best_s[rows], best_z[rows] = err[better], scale, zero
+        if not bool(better.all()):
+            rows, w, q, resid = rows[better], w[better], q[better], resid[better]
+            scale, zero, err = scale[better], zero[better], err[better]
+        best_err[rows], best_s[rows], best_z[rows] = err, scale, zero
     return best_s, best_z
 
 
