@@ -60,18 +60,11 @@ def main() -> int:
     if args.heldout:
         return heldout(args)
 
-    from quantlab.data.calibration import CalibrationConfig, build_calibration
-    from quantlab.data.corpora import load_corpus
     from quantlab.eval.harness import EvalConfig, evaluate
     from quantlab.eval.perplexity import PerplexityConfig
-    from quantlab.formats.native import write_native
     from quantlab.methods import get_method
-    from quantlab.methods.runner import quantize_model
-    from quantlab.models import load_model, load_tokenizer, resolve_model
 
-    source = resolve_model(args.model)
-    calib_cfg = CalibrationConfig("c4", "train", args.n_samples, args.seq_len)
-    calibration = build_calibration(load_tokenizer(source), load_corpus("c4", "train"), calib_cfg)
+    source, calibration = _source_and_calibration(args)
     ppl = PerplexityConfig(
         corpus="wikitext2", split="test", protocol="gptq", max_tokens=args.eval_tokens or None
     )
@@ -87,19 +80,9 @@ def main() -> int:
                 sym = args.sym  # the same for every method, so rows compare like with like
                 extra = {"act_order": True} if method == "gptq" and args.act_order else {}
                 cfg = spec.config_cls(bits=bits, group_size=args.group_size, sym=sym, **extra)
-                model = load_model(source)
-                start = time.perf_counter()
-                result = quantize_model(
-                    model,
-                    source.folder.arch,
-                    method,
-                    cfg,
-                    calibration if spec.needs_calibration else None,
-                    calib_dtype=args.calib_dtype,
-                    progress=False,
+                out, seconds = _quantize(
+                    source, method, cfg, calibration, args, Path(tmp) / f"{method}-{bits}"
                 )
-                seconds = time.perf_counter() - start
-                out = write_native(result, source, Path(tmp) / f"{method}-{bits}")
                 m = evaluate(str(out), config, reference=args.model)
                 row = {
                     "method": method,
@@ -139,6 +122,38 @@ def main() -> int:
     return 0
 
 
+def _source_and_calibration(args):
+    """The resolved model and its calibration set (C4 train, ``n_samples`` x ``seq_len``,
+    seed 0): the same for every variant of a run."""
+    from quantlab.data.calibration import CalibrationConfig, build_calibration
+    from quantlab.data.corpora import load_corpus
+    from quantlab.models import load_tokenizer, resolve_model
+
+    source = resolve_model(args.model)
+    calib_cfg = CalibrationConfig("c4", "train", args.n_samples, args.seq_len)
+    calibration = build_calibration(load_tokenizer(source), load_corpus("c4", "train"), calib_cfg)
+    return source, calibration
+
+
+def _quantize(source, method: str, cfg, calibration, args, out: Path) -> tuple[Path, float]:
+    """Quantize a fresh copy of the model with ``method`` under ``cfg`` and write it as a
+    quantlab-native artifact at ``out``; returns the path and the quantization's seconds."""
+    from quantlab.formats.native import write_native
+    from quantlab.methods import get_method
+    from quantlab.methods.runner import quantize_model
+    from quantlab.models import load_model
+
+    needs = get_method(method).needs_calibration
+    model = load_model(source)
+    start = time.perf_counter()
+    result = quantize_model(
+        model, source.folder.arch, method, cfg, calibration if needs else None,
+        calib_dtype=args.calib_dtype, progress=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    return write_native(result, source, out), seconds
+
+
 def _parse_try(text: str) -> tuple[str, dict]:
     method, _, body = text.partition(":")
     settings = {}
@@ -155,18 +170,11 @@ def heldout(args) -> int:
     """Every method's defaults (and ``--try`` alternatives) on held-out corpora."""
     import resource
 
-    from quantlab.data.calibration import CalibrationConfig, build_calibration
-    from quantlab.data.corpora import load_corpus
     from quantlab.eval.harness import EvalConfig, evaluate
     from quantlab.eval.perplexity import PerplexityConfig
-    from quantlab.formats.native import write_native
     from quantlab.methods import get_method
-    from quantlab.methods.runner import quantize_model
-    from quantlab.models import load_model, load_tokenizer, resolve_model
 
-    source = resolve_model(args.model)
-    calib_cfg = CalibrationConfig("c4", "train", args.n_samples, args.seq_len)
-    calibration = build_calibration(load_tokenizer(source), load_corpus("c4", "train"), calib_cfg)
+    source, calibration = _source_and_calibration(args)
     corpora = [tuple(c.split(":")) for c in args.corpora.split(",")]
     ppls = {
         c: PerplexityConfig(
@@ -197,16 +205,9 @@ def heldout(args) -> int:
                 for method, settings in variants:
                     spec = get_method(method)
                     cfg = spec.config_cls(bits=bits, group_size=group, **settings)
-                    model = load_model(source)
-                    start = time.perf_counter()
-                    result = quantize_model(
-                        model, source.folder.arch, method, cfg,
-                        calibration if spec.needs_calibration else None,
-                        calib_dtype=args.calib_dtype, progress=False,
-                    )  # fmt: skip
-                    seconds = time.perf_counter() - start
                     label = ",".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
-                    out = write_native(result, source, Path(tmp) / f"{method}-{bits}-{group}")
+                    where = Path(tmp) / f"{method}-{bits}-{group}"
+                    out, seconds = _quantize(source, method, cfg, calibration, args, where)
                     row = {
                         "method": method, "settings": label, "bits": bits, "group": group,
                         "config": {k: v for k, v in vars(cfg).items()}, "seconds": seconds,

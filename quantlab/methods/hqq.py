@@ -133,8 +133,4 @@ def quantize_hqq(w: torch.Tensor, config: HQQConfig):
     per_module=True,
 )
 def quantize_block(ctx, config: HQQConfig) -> None:
-    for name in ctx.linear_names:
-        c = ctx.config_for(name, config)
-        with ctx.stage("solve"):
-            qw = quantize_hqq(ctx.weight(name), c)
-        ctx.set_quantized(name, qw)
+    ctx.quantize_each_linear(config, quantize_hqq)

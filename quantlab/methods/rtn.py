@@ -31,8 +31,4 @@ class RTNConfig:
     per_module=True,
 )
 def quantize_block(ctx, config: RTNConfig) -> None:
-    for name in ctx.linear_names:
-        c = ctx.config_for(name, config)
-        with ctx.stage("solve"):
-            qw = quantize_rtn(ctx.weight(name), c.bits, c.group_size, c.sym)
-        ctx.set_quantized(name, qw)
+    ctx.quantize_each_linear(config, lambda w, c: quantize_rtn(w, c.bits, c.group_size, c.sym))

@@ -136,6 +136,16 @@ class BlockContext:
         self.quantized[name] = qw
         self._write(f"{name}.weight", qw.dequantize(), lambda v: v)
 
+    def quantize_each_linear(self, config, quantize: Callable) -> None:
+        """The whole step of a weight-only method: each linear's weight through
+        ``quantize(weight, its config)`` (its own per-module config, else ``config``), timed as
+        the ``solve`` stage, recorded with `set_quantized`."""
+        for name in self.linear_names:
+            c = self.config_for(name, config)
+            with self.stage("solve"):
+                qw = quantize(self.weight(name), c)
+            self.set_quantized(name, qw)
+
     def can_fold(self, group: InputGroup) -> bool:
         """Whether a per-input-channel scale of ``group`` can be folded into its producer."""
         prev = self.block.get_submodule(group.prev_op)
