@@ -159,11 +159,20 @@ def _parse_try(text: str) -> tuple[str, dict]:
     settings = {}
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
-        low = value.lower()
-        settings[key] = (
-            low == "true" if low in ("true", "false") else int(value) if value.isdigit() else value
-        )
+        settings[key] = _value(value)
     return method, settings
+
+
+def _value(text: str):
+    """A ``--try`` setting's value: a boolean, an integer, a float, else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def heldout(args) -> int:

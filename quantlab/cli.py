@@ -396,6 +396,8 @@ def _variant(args):
         data["imatrix"] = True
     if args.streaming:
         data["streaming"] = True
+    if args.rotate:
+        data["rotate"] = True
     return parse_variant(data, "quantize")
 
 
@@ -1119,6 +1121,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="never load the whole model: read, quantize and write one block at a time from the "
         "safetensors shards (for models larger than memory; formats written block by block)",
+    )
+    p.add_argument(
+        "--rotate",
+        action="store_true",
+        help="quantize the model after a Hadamard rotation fused into its weights (same function, "
+        "outliers spread; the rotated copy is cached; a tied embedding gets untied)",
     )
     p.add_argument("--out", required=True, help="artifact to write (a folder, or a .gguf file)")
     device_arg(p, offload=True)

@@ -1,4 +1,4 @@
-"""Quantization methods, registered by name: ``rtn``, ``hqq``, ``gptq``, ``awq``.
+"""Quantization methods, registered by name: ``rtn``, ``hqq``, ``gptq``, ``awq``, ``signround``.
 
 A method is a frozen config dataclass plus a function ``quantize_block(ctx, config)`` that quantizes
 one decoder block through the `BlockContext` the block walk hands it (the block's weights, its
@@ -10,7 +10,7 @@ built-in methods.
 
 from __future__ import annotations
 
-from quantlab.methods import awq, gptq, hqq, rtn  # noqa: F401  (registration)
+from quantlab.methods import awq, gptq, hqq, rtn, signround  # noqa: F401  (registration)
 from quantlab.methods.registry import (
     MethodSpec,
     get_method,

@@ -41,6 +41,9 @@ class ArchSpec:
     linears: tuple[str, ...]  # linears inside a block, in execution order
     input_groups: tuple[InputGroup, ...]  # linears sharing an input, with their producer
     no_clip: tuple[str, ...] = ()  # linears whose range AWQ must not clip (attention scores)
+    # the attention's value and output projections, when the block is RMSNorm pre-norm and the
+    # pair can take a per-head rotation (`quantlab.models.rotation`); None: no rotation
+    value_output: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         grouped = [name for group in self.input_groups for name in group.linears]
@@ -119,5 +122,6 @@ for _name in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwe
             linears=_LLAMA_LINEARS,
             input_groups=_LLAMA_GROUPS,
             no_clip=("self_attn.q_proj", "self_attn.k_proj"),
+            value_output=("self_attn.v_proj", "self_attn.o_proj"),
         )
     )

@@ -22,7 +22,8 @@ place in the file) and what is allowed. Example (configs/demo.yaml)::
 
 A variant is ``{method: NAME, <that method's config fields>, format: NAME, <that format's
 options>}`` plus ``name``, ``imatrix`` (give the variant the importance matrix of the calibration
-set), ``streaming`` (quantize block by block from the shards) and ``impl`` (run a reference
+set), ``streaming`` (quantize block by block from the shards), ``rotate`` (quantize the model after
+a function-preserving Hadamard rotation, `quantlab.models.rotation`) and ``impl`` (run a reference
 toolkit's implementation of the method instead of quantlab's). The method's fields are its config
 dataclass's (`quantlab.methods.get_method(NAME).config_cls`), validated by its ``__post_init__``;
 the format's options are its options dataclass's, and the format's ``accepts`` says whether it can
@@ -53,7 +54,7 @@ from quantlab.eval.perplexity import PerplexityConfig
 
 # run and variant names become file and folder names: no separators, no leading dot
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-VARIANT_KEYS = ("name", "method", "format", "impl", "imatrix", "streaming", "fit")
+VARIANT_KEYS = ("name", "method", "format", "impl", "imatrix", "streaming", "rotate", "fit")
 IMPL = "quantlab"  # quantlab's own implementation of a method (else a reference toolkit's)
 EVALUATION_DEFAULTS = {"perplexity": (PerplexityConfig(),), "kld": True, "speed": True}
 # a sweep's calibration when the section leaves them out: small enough for a laptop's sweep
@@ -83,6 +84,7 @@ class Variant:
     imatrix: bool = False  # measure the importance matrix on the calibration set for it
     streaming: bool = False  # quantize block by block from the shards (identical result)
     fit: object | None = None  # a `quantlab.fit.FitTarget`: the format's best mix for a budget
+    rotate: bool = False  # quantize the rotated model (`quantlab.models.rotation`): same function
 
     @property
     def is_reference(self) -> bool:
@@ -121,6 +123,8 @@ class Variant:
             "impl": self.impl,
             "imatrix": self.imatrix,
         }
+        if self.rotate:
+            fields["rotate"] = True
         if self.fit is not None:
             fields["fit"] = dataclasses.asdict(self.fit)
         return json.dumps(fields, sort_keys=True)
@@ -156,7 +160,7 @@ def field_types(cls) -> dict[str, str]:
     }
 
 
-def _default_name(method, config, given: set, fmt, options, impl, imatrix) -> str:
+def _default_name(method, config, given: set, fmt, options, impl, imatrix, rotate=False) -> str:
     """``gptq-w4-g128-asym-act-gptq``, ``gguf-Q4_K_M-imatrix``, ``unquantized``: bits and group
     size always, ``sym``/``asym`` when given, other settings when given and not the default."""
     if method is None and fmt is None:
@@ -188,6 +192,8 @@ def _default_name(method, config, given: set, fmt, options, impl, imatrix) -> st
             parts.append(fmt.name)
     if imatrix:
         parts.append("imatrix")
+    if rotate:
+        parts.append("rot")
     return "-".join(parts)
 
 
@@ -209,14 +215,15 @@ def parse_variant(data, where: str = "variant") -> Variant:
     own = {k: data.pop(k) for k in VARIANT_KEYS if k in data}
     _check_types(
         {"name": "str", "method": "str | None", "format": "str | None", "impl": "str",
-         "imatrix": "bool", "streaming": "bool"},
+         "imatrix": "bool", "streaming": "bool", "rotate": "bool"},
         own, where,
     )  # fmt: skip
     method, fmt_name = own.get("method"), own.get("format")
-    impl, imatrix, streaming = (
+    impl, imatrix, streaming, rotate = (
         own.get("impl", IMPL),
         own.get("imatrix", False),
         own.get("streaming"),
+        bool(own.get("rotate", False)),
     )
     for key in ("method", "format", "impl", "name"):
         if own.get(key) == "":
@@ -266,10 +273,16 @@ def parse_variant(data, where: str = "variant") -> Variant:
     except (ConfigError, TypeError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
     _check_variant(where, method, config, fmt, options, impl, imatrix, streaming, given_method)
+    if rotate and method is None and fmt is None:
+        raise ConfigError(f"{where}: rotate applies to quantized variants (a method or a format)")
     given = set(given_method) if method else set(given_options)
-    name = own.get("name") or _default_name(method, config, given, fmt, options, impl, imatrix)
+    name = own.get("name") or _default_name(
+        method, config, given, fmt, options, impl, imatrix, rotate
+    )
     _check_name("variant name", name)
-    return Variant(name, method, config, fmt_name, options, impl, imatrix, bool(streaming))
+    return Variant(
+        name, method, config, fmt_name, options, impl, imatrix, bool(streaming), rotate=rotate
+    )
 
 
 def _parse_fit_variant(data: dict, where: str) -> Variant:

@@ -77,9 +77,13 @@ class SharedInputs:
         self.device, self.offload = check_device_spec(device), offload
         self.log = log or (lambda _msg: None)
         self._calibration = self._imatrix = None
+        self._rotated: SharedInputs | None = None
+        self._parent: SharedInputs | None = None  # a rotated copy's: whose calibration it uses
 
     def calibration(self):
         """``(corpus, CalibrationSet)``, drawn once."""
+        if self._calibration is None and self._parent is not None:
+            self._calibration = self._parent.calibration()  # the same token ids
         if self._calibration is None:
             from quantlab.data import calibration_for
 
@@ -115,6 +119,21 @@ class SharedInputs:
     def drawn(self) -> bool:
         """Whether the calibration set has been drawn (or provided) already."""
         return self._calibration is not None
+
+    def rotated(self) -> SharedInputs:
+        """The same inputs for the rotated model (`quantlab.models.rotation.rotated_model`,
+        made once and cached): the same calibration token ids (drawn once, for both); its own
+        importance matrix (the rotated model's activations are rotated too)."""
+        if self._rotated is None:
+            from quantlab.models.rotation import rotated_model
+
+            ref = rotated_model(self.model_ref, cache=self.cache, log=self.log)
+            self._rotated = SharedInputs(
+                ref, self.calibration_config, data_root=self.data_root, cache=self.cache,
+                log=self.log, device=self.device, offload=self.offload,
+            )  # fmt: skip
+            self._rotated._parent = self
+        return self._rotated
 
     def provide(self, corpus, calibration, imatrix=None) -> None:
         """Use values computed elsewhere (another process: the Ray executor's shared task)."""
@@ -163,7 +182,10 @@ def preflight(variants, model_ref) -> None:
 
 def produce(variant: Variant, shared: SharedInputs, out: Path, *, progress: bool = True):
     """Quantize and write ``variant`` at ``out``, with its model card; see the module
-    docstring."""
+    docstring. A ``rotate`` variant is made from the rotated model exactly as any other from
+    its model."""
+    if variant.rotate:
+        shared = shared.rotated()
     made = _make(variant, shared, out, progress=progress)
     if not variant.is_reference:
         write_variant_card(variant, shared, made)
