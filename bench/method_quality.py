@@ -15,7 +15,8 @@ group size are set) at ``--bits`` x ``--group-sizes`` (64,128), on each of ``--c
 (WikiText-2 test, the local C4 validation sample, LAMBADA passages: none of them is calibration
 text), perplexity and KLD/top-1 against the unquantized model on each, and prints one table.
 ``--try gptq:sym=false,act_order=true`` (repeatable) adds a variant with other settings, to
-check a default against its alternatives:
+check a default against its alternatives (``rotate=true``: quantize the rotated model,
+`quantlab.models.rotation`):
 
     python bench/method_quality.py --heldout [--methods rtn,hqq,gptq,awq] [--eval-tokens 8192]
 """
@@ -213,10 +214,16 @@ def heldout(args) -> int:
             for group in (int(g) for g in args.group_sizes.split(",")):
                 for method, settings in variants:
                     spec = get_method(method)
-                    cfg = spec.config_cls(bits=bits, group_size=group, **settings)
+                    own = {k: v for k, v in settings.items() if k != "rotate"}
+                    cfg = spec.config_cls(bits=bits, group_size=group, **own)
                     label = ",".join(f"{k}={v}" for k, v in settings.items()) or "defaults"
                     where = Path(tmp) / f"{method}-{bits}-{group}"
-                    out, seconds = _quantize(source, method, cfg, calibration, args, where)
+                    model = source
+                    if settings.get("rotate"):  # the rotated copy (cached), same calibration ids
+                        from quantlab.models.rotation import rotated_model
+
+                        model = rotated_model(source)
+                    out, seconds = _quantize(model, method, cfg, calibration, args, where)
                     row = {
                         "method": method, "settings": label, "bits": bits, "group": group,
                         "config": {k: v for k, v in vars(cfg).items()}, "seconds": seconds,

@@ -115,3 +115,72 @@ def test_what_compressed_tensors_cannot_hold_is_refused_before_any_work():
     qw = quantize_rtn(torch.randn(8, 100), 4, 64, False)  # a shorter last group
     with pytest.raises(FormatError, match="not a multiple"):
         layouts.pack_compressed("m.w", qw)
+
+
+# -- W8A8 INT8: int-quantized weights, dynamic per-token int8 activations ---------------------
+
+
+def test_w8a8_int8_weights_decompress_bit_for_bit_and_the_config_is_their_preset():
+    from compressed_tensors.compressors import IntQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0)) * 0.05
+    qw = quantize_rtn(w, 8, -1, True)
+    options = FMT.options(activations="int8")
+    packed = FMT.pack("w", qw, options)
+    assert packed["weight"].dtype == torch.int8 and packed["weight_scale"].shape == (48, 1)
+    qc = FMT.quantization_config("rtn", None, {"w": qw}, options)
+    parsed = QuantizationConfig.model_validate(qc)
+    assert parsed.format == "int-quantized"
+    (scheme,) = parsed.config_groups.values()
+    preset = preset_name_to_scheme("W8A8", ["Linear"])
+    assert scheme.weights == preset.weights and scheme.input_activations == preset.input_activations
+    state = {**packed, "weight_scale": packed["weight_scale"].float()}
+    theirs = IntQuantizationCompressor.decompress(state, scheme)["weight"]
+    assert torch.equal(theirs, qw.dequantize())
+
+
+def test_w8a8_int8_loads_in_transformers_with_the_same_activation_rounding(tiny_models, tmp_path):
+    """transformers quantizes each linear's input per token for such a checkpoint; quantlab's
+    loader simulates the same rounding: the logits agree bit for bit, and differ from the
+    weight-only model's (the activations' rounding is in every measurement)."""
+    from transformers import AutoModelForCausalLM
+
+    source = resolve_model(str(tiny_models["tiny-llama"]))
+    model = load_model(source)
+    result = quantize_model(model, source.folder.arch, "rtn", RTNConfig(8, -1, True), None)
+    out = write_artifact(
+        "compressed-tensors", tmp_path / "w8a8", source, result=result, model=model,
+        activations="int8", keep_dtype=True,
+    )  # fmt: skip
+    mine, checkpoint = load(out, dtype="float32")
+    assert checkpoint.format == "compressed-tensors W8A8-INT8"
+    assert checkpoint.activations.startswith("int8 per token")
+    for name, qw in result.weights.items():
+        assert torch.equal(checkpoint.weights[name].dequantize(), qw.dequantize()), name
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        a, b, weight_only = mine(IDS).logits, theirs(IDS).logits, model(IDS).logits
+    assert torch.equal(a, b)
+    assert float((a - weight_only).abs().max()) > 1e-4
+    size = FMT.size(out)
+    assert size.linear_weights == sum(q.qweight.numel() for q in result.weights.values())
+    reports = []
+    FMT.verify(out, lambda check, outcome: reports.append(check))
+    assert "loads" in reports
+
+
+def test_w8a8_int8_takes_only_8_bit_symmetric_per_channel_results():
+    from quantlab.workbench.config import parse_variant
+
+    ok = parse_variant(
+        {"method": "gptq", "bits": 8, "group_size": -1, "sym": True, "act_order": False,
+         "format": "compressed-tensors", "activations": "int8"}
+    )  # fmt: skip
+    assert ok.options.activations == "int8"
+    for bad in ({"bits": 4, "group_size": -1, "sym": True}, {"bits": 8, "group_size": 128},
+                {"bits": 8, "group_size": -1, "sym": False}):  # fmt: skip
+        with pytest.raises(ConfigError, match="W8A8"):
+            parse_variant({"method": "rtn", **bad, "activations": "int8"})
+    with pytest.raises(ConfigError, match="activations must be one of"):
+        FMT.options(activations="fp4")

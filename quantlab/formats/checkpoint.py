@@ -185,6 +185,13 @@ class HFCheckpointFormat(Format):
         (default: one bits/group_size/sym for all)."""
         check_uniform(self.label(options), summaries)
 
+    def layout_of(self, options) -> tuple[tuple[str, ...], str, str]:
+        """``(parts, marker, codes)`` of a quantized linear in an artifact written with
+        ``options``: its tensors, the part only a quantized linear has, and the part holding
+        its codes (the class's ``parts`` and ``marker``, unless the format has several
+        layouts)."""
+        return self.parts, self.marker, self.marker
+
     def keeps_dtype(self, options) -> bool:
         """Whether ``options`` ask for the source's dtype for non-quantized tensors."""
         return bool(getattr(options, "keep_dtype", False))
@@ -352,13 +359,15 @@ class HFCheckpointFormat(Format):
         qc = quantization_config(path)
         options = self.read_options(qc, path)
         decode = self._decoder(qc, options, getattr(torch, dtype))
+        parts, marker, _ = self.layout_of(options)
         return load_quantized_folder(
-            path, self.label(options), decode, self.parts, self.marker, dtype=dtype, verify=verify
+            path, self.label(options), decode, parts, marker, dtype=dtype, verify=verify
         )
 
     def size(self, path: Path) -> ArtifactSize:
-        """Tensor bytes of the weight files, and the weights they encode (a packed word of
-        ``qweight`` holds 32 / bits codes; scales, zeros and indices are overhead)."""
+        """Tensor bytes of the weight files, and the weights they encode (an element of the
+        marker tensor holds its width / bits codes: a packed int32 word 32 / bits; scales,
+        zeros and indices are overhead)."""
         from quantlab.formats.loader import quantization_config
         from quantlab.models.folder import SAFETENSORS_DTYPE_SIZES, read_safetensors_header
 
@@ -368,14 +377,16 @@ class HFCheckpointFormat(Format):
         )
         infos = [t for f in files for t in read_safetensors_header(f)]
         tensor_bytes = sum(t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype] for t in infos)
-        quantized = {t.name.rsplit(".", 1)[0] for t in infos if t.name.endswith("." + self.marker)}
+        parts, marker, codes = self.layout_of(self.read_options(qc, Path(path)))
+        quantized = {t.name.rsplit(".", 1)[0] for t in infos if t.name.endswith("." + marker)}
         weights = linear_bytes = linear_weights = 0
         for t in infos:
             module, _, part = t.name.rpartition(".")
-            if module in quantized and part in self.parts:
+            if module in quantized and part in parts:
                 linear_bytes += t.numel * SAFETENSORS_DTYPE_SIZES[t.dtype]
-                if part == self.marker:  # int32 words of packed codes
-                    linear_weights += t.numel * 32 // self.code_bits(qc, module)
+                if part == codes:  # elements of packed codes (int32 words, int8 codes, ...)
+                    width = 8 * SAFETENSORS_DTYPE_SIZES[t.dtype]
+                    linear_weights += t.numel * width // self.code_bits(qc, module)
             else:
                 weights += t.numel
         return ArtifactSize(tensor_bytes, weights + linear_weights, linear_bytes, linear_weights)

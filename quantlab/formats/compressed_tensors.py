@@ -1,8 +1,22 @@
-"""llm-compressor's compressed-tensors checkpoints (``format: pack-quantized``), the format vLLM
-treats as native: integer weight-only schemes (W4A16, W8A16; also 2 and 3 bits, which
-compressed-tensors packs and transformers decompresses but vLLM's kernels do not run), group or
-channel, symmetric or not. Written and read; layout of one linear: `quantlab.formats.layouts`
-(``pack_compressed`` / ``unpack_compressed``).
+"""llm-compressor's compressed-tensors checkpoints, the format vLLM treats as native. Written and
+read:
+
+- ``activations: none`` (default), ``format: pack-quantized``: integer weight-only schemes
+  (W4A16, W8A16; also 2 and 3 bits, which compressed-tensors packs and transformers decompresses
+  but vLLM's kernels do not run), group or channel, symmetric or not; layout of one linear:
+  `quantlab.formats.layouts` (``pack_compressed`` / ``unpack_compressed``).
+- ``activations: int8``, ``format: int-quantized``: W8A8 INT8, llm-compressor's ``W8A8`` preset:
+  8-bit symmetric per-channel weights stored as ``int8`` ``weight`` with a ``weight_scale``
+  column, and dynamic per-token symmetric int8 input activations (``input_activations``:
+  ``strategy: token``, ``dynamic: true``), which vLLM quantizes at run time. Any method's
+  result at ``bits: 8, group_size: -1, sym: true`` goes in.
+
+Whenever quantlab loads a checkpoint whose scheme quantizes input activations dynamically (its
+own or llm-compressor's), every quantized linear rounds its input per token as vLLM's kernels do
+(`fake_quantize_tokens`: int8 with compressed-tensors' ``scale = max|x| / 127.5``, the same
+logits as transformers' loader bit for bit), so perplexity and KLD include the activations'
+rounding, not only the weights'. FP8 (``float-quantized``, e4m3 weights) is not
+written: quantlab's methods produce integer codes.
 
 ``quantization_config``: ``quant_method: compressed-tensors``, ``format: pack-quantized``,
 ``quantization_status: compressed``, one config group targeting ``Linear`` with the weights'
@@ -11,8 +25,8 @@ channel, symmetric or not. Written and read; layout of one linear: `quantlab.for
 columns were visited in activation order, the groups stay consecutive), ``ignore: [lm_head]``.
 compressed-tensors 0.19 removed group act-order (``g_idx``) and needs whole groups, so act-order
 without static groups and ``in % group_size != 0`` are refused before any work. Reading still
-accepts an older checkpoint's ``weight_g_idx``. Other compressed-tensors formats (float8,
-activation quantization) are left to transformers' own loader.
+accepts an older checkpoint's ``weight_g_idx``. Other compressed-tensors formats (float8)
+are left to transformers' own loader.
 """
 
 from __future__ import annotations
@@ -20,7 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from quantlab.errors import CorruptFileError, QuantlabError
+import torch
+
+from quantlab.errors import ConfigError, CorruptFileError, FormatError, QuantlabError
 from quantlab.formats import layouts
 from quantlab.formats.checkpoint import HFCheckpointFormat
 from quantlab.formats.registry import gathers_columns, register_format
@@ -28,15 +44,66 @@ from quantlab.formats.registry import gathers_columns, register_format
 CT_VERSION = "0.19.0"  # the compressed-tensors release whose config this writes
 
 
+ACTIVATIONS = {"none": "pack-quantized", "int8": "int-quantized"}  # option -> CT format
+_LABELS = {"none": "compressed-tensors", "int8": "compressed-tensors W8A8-INT8"}
+_INT8_ACTIVATIONS = {  # llm-compressor's W8A8 preset: dynamic per-token symmetric int8
+    "actorder": None, "block_structure": None, "dynamic": True, "group_size": None,
+    "num_bits": 8, "observer": None, "observer_kwargs": {}, "scale_dtype": None,
+    "strategy": "token", "symmetric": True, "type": "int", "zp_dtype": None,
+}  # fmt: skip
+
+
 @dataclass(frozen=True)
 class CompressedTensorsOptions:
     keep_dtype: bool = False  # False: embeddings, head and norms in 16 bits (as the toolkits)
+    # input activations: none (weight-only, pack-quantized) or int8 (W8A8: dynamic per token)
+    activations: str = "none"
     version: int = 1
+
+    def __post_init__(self) -> None:
+        if self.activations not in ACTIVATIONS:
+            raise ConfigError(
+                f"activations must be one of {', '.join(ACTIVATIONS)}, got {self.activations!r}"
+            )
+
+
+def fake_quantize_tokens(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``x`` rounded per token (last dimension) to symmetric ``bits``-bit integers and
+    dequantized, with compressed-tensors' dynamic scale ``max|x| / ((2**bits - 1) / 2)`` and
+    codes clamped to [-2**(bits-1), 2**(bits-1) - 1]: what transformers computes for such a
+    checkpoint, bit for bit (tested). vLLM's int8 kernel divides by 127 instead of 127.5 (a
+    0.4 % larger step)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / ((2**bits - 1) / 2)
+    half = 2 ** (bits - 1)
+    return (torch.round(xf / scale).clamp(-half, half - 1) * scale).to(x.dtype)
+
+
+def simulate_input_activations(model, names, args: dict) -> int:
+    """Round the input of each linear in ``names`` as ``args`` (a compressed-tensors
+    ``input_activations`` scheme) says; returns how many linears. Dynamic per-token integers
+    only (what quantlab writes and llm-compressor's W8A8 is); other schemes are refused."""
+    kind, strategy = args.get("type", "int"), args.get("strategy")
+    if (
+        kind != "int"
+        or strategy != "token"
+        or not args.get("dynamic")
+        or not args.get("symmetric", True)
+    ):
+        raise QuantlabError(
+            f"compressed-tensors input activations {kind}/{strategy} (dynamic "
+            f"{args.get('dynamic')}) are not simulated; dynamic per-token symmetric int is"
+        )
+    bits = int(args.get("num_bits", 8))
+    for name in names:
+        module = model.get_submodule(name)
+        module.register_forward_pre_hook(lambda _m, a: (fake_quantize_tokens(a[0], bits), *a[1:]))
+    return len(names)
 
 
 class CompressedTensorsFormat(HFCheckpointFormat):
     name = "compressed-tensors"
-    description = "compressed-tensors pack-quantized W4A16/W8A16 (vLLM, transformers)"
+    description = "compressed-tensors pack-quantized W4A16/W8A16, or W8A8 INT8 (vLLM, transformers)"
     options = CompressedTensorsOptions
     parts = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
     marker = "weight_packed"
@@ -45,10 +112,32 @@ class CompressedTensorsFormat(HFCheckpointFormat):
         "model = AutoModelForCausalLM.from_pretrained('{path}')   # or: vllm serve {path}"
     )
 
+    def label(self, options) -> str:
+        return _LABELS[options.activations]
+
+    def labels(self) -> tuple[str, ...]:
+        return tuple(_LABELS.values())
+
+    def label_options(self, label: str) -> dict:
+        return {"activations": next(k for k, v in _LABELS.items() if v == label)}
+
+    def layout_of(self, options) -> tuple[tuple[str, ...], str, str]:
+        if options is not None and options.activations == "int8":  # (the head has a weight too)
+            return ("weight", "weight_scale"), "weight_scale", "weight"
+        return self.parts, self.marker, self.marker
+
     def accepts(self, method, config, options, *, imatrix: bool = False) -> str | None:
         reason = super().accepts(method, config, options, imatrix=imatrix)
         if reason or config is None:
             return reason
+        if options is not None and options.activations == "int8":
+            shape = (getattr(config, "bits", None), getattr(config, "group_size", None))
+            if shape != (8, -1) or not getattr(config, "sym", False) or gathers_columns(config):
+                return (
+                    "format compressed-tensors with int8 activations (W8A8) holds 8-bit "
+                    "symmetric per-channel weights: bits 8, group_size -1, sym true"
+                )
+            return None
         if getattr(config, "bits", None) not in (2, 3, 4, 8):
             return "format compressed-tensors holds 2, 3, 4 or 8-bit integer weights"
         if gathers_columns(config):
@@ -69,6 +158,13 @@ class CompressedTensorsFormat(HFCheckpointFormat):
         return None
 
     def pack(self, name, qw, options):
+        if options.activations == "int8":
+            if (qw.bits, qw.group_size, qw.sym) != (8, -1, True):
+                raise FormatError(f"{name}: W8A8 INT8 needs 8-bit symmetric per-channel codes")
+            return {  # codes - 128: the signed int8 values; scale per output channel
+                "weight": (qw.qweight.to(torch.int16) - 128).to(torch.int8).contiguous(),
+                "weight_scale": qw.scales.reshape(-1, 1).half().contiguous(),
+            }
         return layouts.pack_compressed(name, qw)
 
     def quantization_config(self, method, config, summaries, options) -> dict:
@@ -87,17 +183,22 @@ class CompressedTensorsFormat(HFCheckpointFormat):
             "type": "int",
             "zp_dtype": None if qw.sym else "torch.int8",
         }
+        fmt = ACTIVATIONS[options.activations]
+        inputs = None
+        if options.activations == "int8":
+            weights = {**weights, "observer": None, "zp_dtype": None}
+            inputs = dict(_INT8_ACTIVATIONS)
         return {
             "config_groups": {
                 "group_0": {
-                    "format": "pack-quantized",
-                    "input_activations": None,
+                    "format": fmt,
+                    "input_activations": inputs,
                     "output_activations": None,
                     "targets": ["Linear"],
                     "weights": weights,
                 }
             },
-            "format": "pack-quantized",
+            "format": fmt,
             "global_compression_ratio": None,
             "ignore": ["lm_head"],
             "kv_cache_scheme": None,
@@ -114,7 +215,12 @@ class CompressedTensorsFormat(HFCheckpointFormat):
             "weight_scale is stored in float16 (quantlab's scales are float16 values); a bf16 "
             "loader rounds it to bf16"
         ]
-        if bits not in (4, 8):
+        if options.activations == "int8":
+            notes.append(
+                "W8A8 INT8: vLLM quantizes each linear's input per token at run time; quantlab "
+                "simulates that rounding when it evaluates the checkpoint"
+            )
+        elif bits not in (4, 8):
             notes.append(
                 f"{bits}-bit pack-quantized: compressed-tensors and transformers decompress it; "
                 "vLLM's kernels run 4 and 8 bits"
@@ -124,7 +230,8 @@ class CompressedTensorsFormat(HFCheckpointFormat):
     def read_options(self, qc: dict, path: Path):
         if str(qc.get("quant_method", "")).lower() != "compressed-tensors":
             return None
-        return self.options() if qc.get("format") == "pack-quantized" else None
+        kind = {v: k for k, v in ACTIVATIONS.items()}.get(qc.get("format"))
+        return None if kind is None else self.options(activations=kind)
 
     def _scheme(self, qc: dict) -> dict:
         groups = qc.get("config_groups") or {}
@@ -144,12 +251,37 @@ class CompressedTensorsFormat(HFCheckpointFormat):
                 f"compressed-tensors weight strategy {w.get('strategy')!r} is not supported "
                 "(group and channel are)"
             )
-        if w.get("type", "int") != "int" or any(
-            g.get("input_activations") for g in groups.values()
+        int8 = options is not None and options.activations == "int8"
+        if w.get("type", "int") != "int" or (
+            not int8 and any(g.get("input_activations") for g in groups.values())
         ):
-            raise QuantlabError("compressed-tensors: only integer weight-only schemes are read")
+            raise QuantlabError(
+                "compressed-tensors: integer weight-only and W8A8 INT8 schemes are read"
+            )
         bits, sym = int(w["num_bits"]), bool(w.get("symmetric", True))
         gs = w.get("group_size") if w.get("strategy") == "group" else -1
+        if int8:
+            if (bits, gs, sym) != (8, -1, True):
+                raise QuantlabError(
+                    "compressed-tensors int-quantized: only 8-bit symmetric per-channel weights "
+                    "are read"
+                )
+
+            def decode_int8(name, parts, out, cols):
+                from quantlab.types import QuantizedWeight
+
+                weight, scale = parts["weight"], parts["weight_scale"]
+                if weight.dtype != torch.int8 or tuple(weight.shape) != (out, cols):
+                    raise CorruptFileError(f"tensor {name}.weight is not int8 ({out}, {cols})")
+                if scale.numel() != out:
+                    raise CorruptFileError(f"tensor {name}.weight_scale has not {out} entries")
+                codes = (weight.to(torch.int16) + 128).to(torch.uint8)
+                zeros = torch.full((out, 1), 128, dtype=torch.uint8)
+                g_idx = torch.zeros(cols, dtype=torch.int32)
+                scales = scale.float().reshape(out, 1)
+                return QuantizedWeight(codes, scales, zeros, g_idx, 8, -1, True, dtype)
+
+            return decode_int8
 
         def decode(name, parts, out, cols):
             qw = layouts.unpack_compressed(
@@ -160,6 +292,21 @@ class CompressedTensorsFormat(HFCheckpointFormat):
             return qw
 
         return decode
+
+    def load(self, path: Path, *, dtype: str = "float32", verify: bool = True, cache=None):
+        """The checkpoint as every other; with dynamic input activations (W8A8), each
+        quantized linear rounds its input per token (`simulate_input_activations`)."""
+        from quantlab.formats.loader import quantization_config
+
+        model, checkpoint = super().load(path, dtype=dtype, verify=verify, cache=cache)
+        qc = quantization_config(Path(path))
+        groups = qc.get("config_groups") or {}
+        inputs = [g["input_activations"] for g in groups.values() if g.get("input_activations")]
+        if inputs:
+            simulate_input_activations(model, sorted(checkpoint.weights), inputs[0])
+            bits = inputs[0].get("num_bits", 8)
+            checkpoint.activations = f"int{bits} per token (dynamic, simulated)"
+        return model, checkpoint
 
 
 register_format(CompressedTensorsFormat())

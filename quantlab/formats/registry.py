@@ -58,6 +58,7 @@ class LoadedCheckpoint:
     quantization_config: dict
     weights: dict = field(default_factory=dict)  # linear name -> QuantizedWeight
     manifest: dict | None = None
+    activations: str = ""  # how linears round their inputs at run time ("": not, weight-only)
 
 
 @dataclass(frozen=True)
