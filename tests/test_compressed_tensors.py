@@ -184,3 +184,55 @@ def test_w8a8_int8_takes_only_8_bit_symmetric_per_channel_results():
             parse_variant({"method": "rtn", **bad, "activations": "int8"})
     with pytest.raises(ConfigError, match="activations must be one of"):
         FMT.options(activations="fp4")
+
+
+# -- W8A8 FP8: e4m3 weights with channel scales, dynamic per-token fp8 activations --------------
+
+
+def test_w8a8_fp8_is_made_from_the_unquantized_model_and_read_as_transformers_reads_it(
+    tiny_models, tmp_path
+):
+    from compressed_tensors.compressors import FloatQuantizationCompressor
+    from compressed_tensors.quantization import QuantizationConfig, preset_name_to_scheme
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from quantlab.data import CalibrationConfig
+    from quantlab.workbench.config import parse_variant
+    from quantlab.workbench.produce import SharedInputs, produce
+
+    variant = parse_variant({"format": "compressed-tensors", "activations": "fp8"})
+    assert variant.method is None and variant.name == "compressed-tensors-fp8"
+    with pytest.raises(ConfigError, match="give no method"):
+        parse_variant({"method": "rtn", "bits": 8, "group_size": -1, "activations": "fp8"})
+    source = resolve_model(str(tiny_models["tiny-qwen2"]))  # (biases on q/k/v)
+    calib = CalibrationConfig(corpus="pydoc", n_samples=2, seq_len=32, allow_fallback=True)
+    made = produce(variant, SharedInputs(source, calib), tmp_path / "fp8", progress=False)
+    out = tmp_path / "fp8"
+    assert made.format == "compressed-tensors W8A8-FP8"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = QuantizationConfig.model_validate(qc)
+    assert parsed.format == "float-quantized"
+    (scheme,) = parsed.config_groups.values()
+    preset = preset_name_to_scheme("FP8_DYNAMIC", ["Linear"])
+    assert scheme.weights == preset.weights and scheme.input_activations == preset.input_activations
+    mine, checkpoint = load(out, dtype="float32")
+    assert checkpoint.activations.startswith("fp8 per token") and len(checkpoint.dense) == 14
+    stored = load_file(out / "model.safetensors")
+    name = "model.layers.1.self_attn.k_proj"
+    assert stored[f"{name}.weight"].dtype == torch.float8_e4m3fn
+    state = {k: stored[f"{name}.{k}"] for k in ("weight", "weight_scale")}
+    state["weight_scale"] = state["weight_scale"].float()
+    theirs_w = FloatQuantizationCompressor.decompress(state, scheme)["weight"]
+    assert torch.equal(theirs_w, mine.get_submodule(name).weight)
+    # every weight within e4m3's rounding (3 mantissa bits: half a step is 1/16 relative)
+    original = load_model(source).get_submodule(name).weight
+    err = (mine.get_submodule(name).weight - original).abs()
+    assert (err <= original.abs() / 16 + state["weight_scale"] * 2**-9).all()
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(mine(IDS).logits, theirs(IDS).logits)
+    size = FMT.size(out)
+    assert size.linear_weights == sum(
+        p.numel() for n, p in stored.items() if n.endswith("proj.weight")
+    )

@@ -25,8 +25,7 @@ written: quantlab's methods produce integer codes.
 columns were visited in activation order, the groups stay consecutive), ``ignore: [lm_head]``.
 compressed-tensors 0.19 removed group act-order (``g_idx``) and needs whole groups, so act-order
 without static groups and ``in % group_size != 0`` are refused before any work. Reading still
-accepts an older checkpoint's ``weight_g_idx``. Other compressed-tensors formats (float8)
-are left to transformers' own loader.
+accepts an older checkpoint's ``weight_g_idx``.
 """
 
 from __future__ import annotations
@@ -44,13 +43,51 @@ from quantlab.formats.registry import gathers_columns, register_format
 CT_VERSION = "0.19.0"  # the compressed-tensors release whose config this writes
 
 
-ACTIVATIONS = {"none": "pack-quantized", "int8": "int-quantized"}  # option -> CT format
-_LABELS = {"none": "compressed-tensors", "int8": "compressed-tensors W8A8-INT8"}
-_INT8_ACTIVATIONS = {  # llm-compressor's W8A8 preset: dynamic per-token symmetric int8
+# option -> compressed-tensors format
+ACTIVATIONS = {"none": "pack-quantized", "int8": "int-quantized", "fp8": "float-quantized"}
+_LABELS = {
+    "none": "compressed-tensors",
+    "int8": "compressed-tensors W8A8-INT8",
+    "fp8": "compressed-tensors W8A8-FP8",
+}
+_TOKEN_ACTIVATIONS = {  # llm-compressor's W8A8 / FP8_DYNAMIC presets: dynamic, per token
     "actorder": None, "block_structure": None, "dynamic": True, "group_size": None,
     "num_bits": 8, "observer": None, "observer_kwargs": {}, "scale_dtype": None,
-    "strategy": "token", "symmetric": True, "type": "int", "zp_dtype": None,
+    "strategy": "token", "symmetric": True, "zp_dtype": None,
 }  # fmt: skip
+FP8_MAX = 448.0  # float8_e4m3fn's largest value
+
+
+@dataclass(frozen=True)
+class FP8Weights:
+    """What a W8A8 FP8 checkpoint's weights are (the manifest's ``config``): made by the format
+    from the unquantized model, round to nearest in e4m3 after a per-channel scale."""
+
+    bits: int = 8
+    type: str = "float8_e4m3fn"
+    strategy: str = "channel"  # scale = max|w| / 448 per output channel (float16)
+    version: int = 1
+
+
+def quantize_fp8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(e4m3 weight, float32 scale (out, 1))`` of a (out, in) weight: per output channel
+    ``scale = max|w| / 448`` rounded up to a float16 value (stored in float16 exactly, and the
+    row still fits in e4m3's range), weights rounded to nearest e4m3 (llm-compressor's
+    FP8_DYNAMIC weights)."""
+    from quantlab.primitives import _fp16_at_least
+
+    w = w.float()
+    scale = _fp16_at_least((w.abs().amax(dim=1, keepdim=True) / FP8_MAX).clamp(min=2**-24))
+    return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn), scale
+
+
+def fake_quantize_tokens_fp8(x: torch.Tensor) -> torch.Tensor:
+    """``x`` rounded per token to e4m3 with compressed-tensors' dynamic scale ``max|x| / 448``
+    and dequantized (what transformers computes for a W8A8 FP8 checkpoint)."""
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / FP8_MAX
+    q = (xf / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return (q.float() * scale).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -81,23 +118,21 @@ def fake_quantize_tokens(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
 
 def simulate_input_activations(model, names, args: dict) -> int:
     """Round the input of each linear in ``names`` as ``args`` (a compressed-tensors
-    ``input_activations`` scheme) says; returns how many linears. Dynamic per-token integers
-    only (what quantlab writes and llm-compressor's W8A8 is); other schemes are refused."""
+    ``input_activations`` scheme) says; returns how many linears. Dynamic per-token int8 and
+    fp8 only (what quantlab writes, and llm-compressor's W8A8 and FP8_DYNAMIC); other schemes
+    are refused."""
     kind, strategy = args.get("type", "int"), args.get("strategy")
-    if (
-        kind != "int"
-        or strategy != "token"
-        or not args.get("dynamic")
-        or not args.get("symmetric", True)
-    ):
-        raise QuantlabError(
-            f"compressed-tensors input activations {kind}/{strategy} (dynamic "
-            f"{args.get('dynamic')}) are not simulated; dynamic per-token symmetric int is"
-        )
     bits = int(args.get("num_bits", 8))
+    dynamic_token = strategy == "token" and args.get("dynamic") and args.get("symmetric", True)
+    if not dynamic_token or (kind, bits) not in (("int", 8), ("float", 8)):
+        raise QuantlabError(
+            f"compressed-tensors input activations {kind}{bits}/{strategy} (dynamic "
+            f"{args.get('dynamic')}) are not simulated; dynamic per-token int8 and fp8 are"
+        )
+    rounding = fake_quantize_tokens_fp8 if kind == "float" else fake_quantize_tokens
     for name in names:
         module = model.get_submodule(name)
-        module.register_forward_pre_hook(lambda _m, a: (fake_quantize_tokens(a[0], bits), *a[1:]))
+        module.register_forward_pre_hook(lambda _m, a: (rounding(a[0]), *a[1:]))
     return len(names)
 
 
@@ -122,11 +157,18 @@ class CompressedTensorsFormat(HFCheckpointFormat):
         return {"activations": next(k for k, v in _LABELS.items() if v == label)}
 
     def layout_of(self, options) -> tuple[tuple[str, ...], str, str]:
-        if options is not None and options.activations == "int8":  # (the head has a weight too)
+        if options is not None and options.activations != "none":  # (the head has a weight too)
             return ("weight", "weight_scale"), "weight_scale", "weight"
         return self.parts, self.marker, self.marker
 
     def accepts(self, method, config, options, *, imatrix: bool = False) -> str | None:
+        if options is not None and options.activations == "fp8":
+            if method is not None or imatrix:
+                return (
+                    "format compressed-tensors with fp8 activations (W8A8 FP8) rounds the "
+                    "unquantized model's weights to e4m3 itself: give no method (nor imatrix)"
+                )
+            return None
         reason = super().accepts(method, config, options, imatrix=imatrix)
         if reason or config is None:
             return reason
@@ -185,9 +227,10 @@ class CompressedTensorsFormat(HFCheckpointFormat):
         }
         fmt = ACTIVATIONS[options.activations]
         inputs = None
-        if options.activations == "int8":
-            weights = {**weights, "observer": None, "zp_dtype": None}
-            inputs = dict(_INT8_ACTIVATIONS)
+        if options.activations != "none":
+            kind = "float" if options.activations == "fp8" else "int"
+            weights = {**weights, "observer": None, "zp_dtype": None, "type": kind}
+            inputs = {**_TOKEN_ACTIVATIONS, "type": kind}
         return {
             "config_groups": {
                 "group_0": {
@@ -215,10 +258,10 @@ class CompressedTensorsFormat(HFCheckpointFormat):
             "weight_scale is stored in float16 (quantlab's scales are float16 values); a bf16 "
             "loader rounds it to bf16"
         ]
-        if options.activations == "int8":
+        if options.activations != "none":
             notes.append(
-                "W8A8 INT8: vLLM quantizes each linear's input per token at run time; quantlab "
-                "simulates that rounding when it evaluates the checkpoint"
+                f"W8A8 {options.activations.upper()}: vLLM quantizes each linear's input per "
+                "token at run time; quantlab simulates that rounding when it evaluates it"
             )
         elif bits not in (4, 8):
             notes.append(
@@ -251,6 +294,21 @@ class CompressedTensorsFormat(HFCheckpointFormat):
                 f"compressed-tensors weight strategy {w.get('strategy')!r} is not supported "
                 "(group and channel are)"
             )
+        if options is not None and options.activations == "fp8":
+            if (w.get("type"), int(w["num_bits"]), w.get("strategy")) != ("float", 8, "channel"):
+                raise QuantlabError(
+                    "compressed-tensors float-quantized: only 8-bit per-channel weights are read"
+                )
+
+            def decode_fp8(name, parts, out, cols):  # dense: no QuantizedWeight holds e4m3
+                weight, scale = parts["weight"], parts["weight_scale"]
+                if weight.dtype != torch.float8_e4m3fn or tuple(weight.shape) != (out, cols):
+                    raise CorruptFileError(f"tensor {name}.weight is not e4m3 ({out}, {cols})")
+                if scale.numel() != out:
+                    raise CorruptFileError(f"tensor {name}.weight_scale has not {out} entries")
+                return weight.float() * scale.float().reshape(out, 1)
+
+            return decode_fp8
         int8 = options is not None and options.activations == "int8"
         if w.get("type", "int") != "int" or (
             not int8 and any(g.get("input_activations") for g in groups.values())
@@ -303,10 +361,53 @@ class CompressedTensorsFormat(HFCheckpointFormat):
         groups = qc.get("config_groups") or {}
         inputs = [g["input_activations"] for g in groups.values() if g.get("input_activations")]
         if inputs:
-            simulate_input_activations(model, sorted(checkpoint.weights), inputs[0])
-            bits = inputs[0].get("num_bits", 8)
-            checkpoint.activations = f"int{bits} per token (dynamic, simulated)"
+            names = sorted([*checkpoint.weights, *checkpoint.dense])
+            simulate_input_activations(model, names, inputs[0])
+            kind = "fp" if inputs[0].get("type") == "float" else "int"
+            checkpoint.activations = f"{kind}{inputs[0].get('num_bits', 8)} per token (dynamic)"
         return model, checkpoint
+
+    def write(self, request) -> Path:
+        if request.result is None and request.options.activations == "fp8":
+            return self._write_fp8(request)
+        return super().write(request)
+
+    def _write_fp8(self, request) -> Path:
+        """W8A8 FP8 from the unquantized model: every block linear's weight in e4m3 with a
+        per-channel scale (`quantize_fp8_rows`), the rest as the other writers write it."""
+        import time
+
+        from quantlab.atomic import atomic_directory
+        from quantlab.formats import checkpoint as ckpt
+        from quantlab.methods.runner import QuantizationResult
+        from quantlab.models import load_model
+
+        start = time.perf_counter()
+        source, options = request.source, request.options
+        model = load_model(source)
+        arch = source.folder.arch
+        packed, summaries = {}, {}
+        for i in range(len(model.get_submodule(arch.blocks))):
+            for linear in arch.linears:
+                name = f"{arch.blocks}.{i}.{linear}"
+                weight, scale = quantize_fp8_rows(model.get_submodule(name).weight.detach())
+                packed[f"{name}.weight"] = weight.contiguous()
+                packed[f"{name}.weight_scale"] = scale.half().contiguous()
+                summaries[name] = ckpt.WeightSummary(tuple(weight.shape), 8, -1, True, False)
+        config, stored = ckpt.source_config(source)
+        dtype = ckpt.written_dtype(stored, self.keeps_dtype(options))
+        tensors = ckpt.state_tensors(model, set(summaries), dtype, set())
+        tensors.update(packed)
+        seconds = time.perf_counter() - start
+        result = QuantizationResult("fp8", FP8Weights(), {}, {}, {}, 0, {}, None, seconds)
+        out = Path(request.out)
+        with atomic_directory(out) as tmp:
+            files = ckpt.save_shards(tensors, tmp, request.max_shard_bytes)
+            self.finish_folder(
+                tmp, result, summaries, ckpt._with_dtype(config, dtype), source, files, options,
+                request.manifest_extra,
+            )  # fmt: skip
+        return out
 
 
 register_format(CompressedTensorsFormat())

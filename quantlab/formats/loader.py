@@ -87,7 +87,10 @@ def load_quantized_folder(
 ):
     """``(model, LoadedCheckpoint)`` of a Hugging Face quantized checkpoint folder whose
     quantized linears are the tensors ``<linear>.<part>`` that ``decode`` turns into a
-    `QuantizedWeight` (``marker`` is the part every quantized linear has)."""
+    `QuantizedWeight` (``marker`` is the part every quantized linear has). A decoder may return
+    a dense tensor instead (a float format no `QuantizedWeight` holds, FP8): that linear is then
+    an ordinary one with the checkpoint's dequantized weight, and is not in
+    ``checkpoint.weights``."""
     from quantlab.models.hf import prepare_transformers
 
     prepare_transformers()
@@ -127,14 +130,19 @@ def load_quantized_folder(
             raise CorruptFileError(f"tensor {name}.{exc.args[0]} is missing") from None
         except (ValueError, RuntimeError, IndexError) as exc:
             raise CorruptFileError(f"tensors of {name} are inconsistent: {exc}") from None
+        if isinstance(qw, torch.Tensor):  # dequantized by the decoder: an ordinary linear,
+            tensors[f"{name}.weight"] = qw  # filled with the rest (its bias too)
+            checkpoint.dense.append(name)
+            continue
         bias = tensors.pop(f"{name}.bias", None)
         if (bias is None) != (module.bias is None):
             raise CorruptFileError(
                 f"tensor {name}.bias is {'missing' if bias is None else 'extra'}"
             )
+        bias = None if bias is None else bias.to(torch_dtype)
         checkpoint.weights[name] = qw
-        model.set_submodule(name, QuantLinear(qw, None if bias is None else bias.to(torch_dtype)))
-    if not checkpoint.weights:
+        model.set_submodule(name, QuantLinear(qw, bias))
+    if not checkpoint.weights and not checkpoint.dense:
         raise CorruptFileError(f"{path}: no quantized linear found ({marker} tensors)")
     _load_rest(model, tensors)
     return model.eval(), checkpoint

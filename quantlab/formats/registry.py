@@ -59,6 +59,7 @@ class LoadedCheckpoint:
     weights: dict = field(default_factory=dict)  # linear name -> QuantizedWeight
     manifest: dict | None = None
     activations: str = ""  # how linears round their inputs at run time ("": not, weight-only)
+    dense: list = field(default_factory=list)  # quantized linears loaded dequantized (FP8)
 
 
 @dataclass(frozen=True)
