@@ -116,10 +116,11 @@ def run_config(
     imatrix,
     preset,
     device="auto",
+    rotate=False,
 ) -> dict:
     """The run config the Quantize form describes (validated by the workbench's parser).
     ``types``: the chosen types of the self-quantizing formats, as ``format:type`` strings or
-    plain types of the one such format."""
+    plain types of the one such format; ``rotate``: the methods quantize the rotated model."""
     from quantlab.formats import get_format
     from quantlab.methods import get_method
     from quantlab.workbench.config import parse_run_config
@@ -132,6 +133,8 @@ def run_config(
             bits=int(bits), group_size=int(group_size), sym=False
         )
         v.update(get_format(fmt).options_for(config))
+        if rotate:
+            v["rotate"] = True
         variants.append(v)
     makers = self_quantizing()
     for choice in types or []:
@@ -527,11 +530,15 @@ def build_app(workdir: str | Path = "app-data"):
 
         return call
 
-    def run(name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset, device="auto"):
+    def run(
+        name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset, device="auto",
+        rotate=False,
+    ):  # fmt: skip
         try:
             data = run_config(
-                ws, name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset, device
-            )
+                ws, name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset, device,
+                rotate,
+            )  # fmt: skip
             yield from start_run(ws, data)
         except QuantlabError as exc:
             raise gr.Error(str(exc)) from None
@@ -565,6 +572,10 @@ def build_app(workdir: str | Path = "app-data"):
                 bits = gr.Dropdown([2, 3, 4, 8], value=4, label="bits")
                 group = gr.Dropdown([-1, 32, 64, 128], value=64, label="group size")
                 fmt = gr.Dropdown(method_formats(), value="gptq", label="checkpoint format")
+                rotate = gr.Checkbox(
+                    label="methods: rotate first (Hadamard, same function, outliers spread)",
+                    elem_id="rotate",
+                )
             with gr.Row():
                 gguf = gr.CheckboxGroup(type_choices, label="GGUF types (llama.cpp)")
                 imatrix = gr.Checkbox(
@@ -645,7 +656,7 @@ def build_app(workdir: str | Path = "app-data"):
         outputs = [table, size_plot, kld_plot, speed_plot, acc_plot, run_filter, model_filter]
         run_event = run_btn.click(
             run,
-            [name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset, device],
+            [name, model, ref, methods, bits, group, fmt, gguf, imatrix, preset, device, rotate],
             status,
             concurrency_limit=1,
             api_name="run",

@@ -56,6 +56,11 @@ def test_the_form_is_validated_like_a_run_config(tmp_path):
         run_config(ws, "r2", "tiny-llama", False, ["awq"], 3, 64, "awq", [], False, "quick")
     with pytest.raises(ConfigError, match="give at least one"):
         run_config(ws, "r3", "tiny-llama", False, [], 4, 64, "gptq", [], False, "quick")
+    rotated = run_config(
+        ws, "r4", "tiny-llama", False, ["rtn"], 4, 32, "gptq", [], False, "quick", rotate=True
+    )
+    (variant,) = rotated["variants"]
+    assert variant["method"] == "rtn" and variant["rotate"] is True
 
 
 def test_the_fit_form_is_validated_like_a_run_config(tmp_path):
