@@ -163,7 +163,7 @@ def _trainable(value):
 def learn_rounding(ctx, config: SignRoundConfig, target: torch.Tensor) -> dict:
     """Learn every linear's rounding of the block against ``target`` (the unquantized block's
     outputs for ``ctx.inputs``); returns each linear's `QuantizedWeight`."""
-    from quantlab.methods.runner import _cut
+    from quantlab.methods.runner import _cut, _moved
 
     compute, device = ctx.compute, ctx.device
     dtype = next(compute.parameters()).dtype
@@ -178,7 +178,7 @@ def learn_rounding(ctx, config: SignRoundConfig, target: torch.Tensor) -> dict:
     gen = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(n, generator=gen)
     at = 0
-    kwargs = {k: _trainable(_moved_to(v, device)) for k, v in ctx.kwargs.items()}
+    kwargs = {k: _trainable(_moved(v, device)) for k, v in ctx.kwargs.items()}
     flags = {p: p.requires_grad for p in compute.parameters()}
     best_loss = math.inf
     try:
@@ -212,14 +212,6 @@ def learn_rounding(ctx, config: SignRoundConfig, target: torch.Tensor) -> dict:
         return {
             name: r.result(best[name], ctx.original_dtype(name)) for name, r in rounding.items()
         }
-
-
-def _moved_to(value, device):
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_moved_to(v, device) for v in value)
-    return value
 
 
 @register_method(
