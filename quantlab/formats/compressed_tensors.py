@@ -10,22 +10,26 @@ read:
   column, and dynamic per-token symmetric int8 input activations (``input_activations``:
   ``strategy: token``, ``dynamic: true``), which vLLM quantizes at run time. Any method's
   result at ``bits: 8, group_size: -1, sym: true`` goes in.
+- ``activations: fp8``, ``format: float-quantized``: W8A8 FP8, llm-compressor's ``FP8_DYNAMIC``:
+  e4m3 weights with a float16 per-channel scale (max abs / 448) and dynamic per-token fp8 input
+  activations. No `QuantizedWeight` holds e4m3 values, so the format makes it itself from the
+  unquantized model (a variant with no method, like llama.cpp's GGUF types), and its loader
+  decodes each such linear to a dense (dequantized) weight.
 
 Whenever quantlab loads a checkpoint whose scheme quantizes input activations dynamically (its
-own or llm-compressor's), every quantized linear rounds its input per token as vLLM's kernels do
-(`fake_quantize_tokens`: int8 with compressed-tensors' ``scale = max|x| / 127.5``, the same
-logits as transformers' loader bit for bit), so perplexity and KLD include the activations'
-rounding, not only the weights'. FP8 (``float-quantized``, e4m3 weights) is not
-written: quantlab's methods produce integer codes.
+own or llm-compressor's), every quantized linear rounds its input per token as the runtime does
+(`fake_quantize_tokens`: int8 with compressed-tensors' ``scale = max|x| / 127.5``;
+`fake_quantize_tokens_fp8`: e4m3 with ``max|x| / 448``; the same logits as transformers' loader,
+bit for bit), so perplexity and KLD include the activations' rounding, not only the weights'.
 
-``quantization_config``: ``quant_method: compressed-tensors``, ``format: pack-quantized``,
-``quantization_status: compressed``, one config group targeting ``Linear`` with the weights'
-``num_bits``, ``strategy`` (``group`` with ``group_size``, or ``channel``), ``symmetric``,
-``type: int`` and ``actorder`` (``weight`` for an act-order result with static groups: the
-columns were visited in activation order, the groups stay consecutive), ``ignore: [lm_head]``.
-compressed-tensors 0.19 removed group act-order (``g_idx``) and needs whole groups, so act-order
-without static groups and ``in % group_size != 0`` are refused before any work. Reading still
-accepts an older checkpoint's ``weight_g_idx``.
+Weight-only ``quantization_config``: ``quant_method: compressed-tensors``, ``format:
+pack-quantized``, ``quantization_status: compressed``, one config group targeting ``Linear`` with
+the weights' ``num_bits``, ``strategy`` (``group`` with ``group_size``, or ``channel``),
+``symmetric``, ``type: int`` and ``actorder`` (``weight`` for an act-order result with static
+groups: the columns were visited in activation order, the groups stay consecutive), ``ignore:
+[lm_head]``. compressed-tensors 0.19 removed group act-order (``g_idx``) and needs whole groups, so
+act-order without static groups and ``in % group_size != 0`` are refused before any work. Reading
+still accepts an older checkpoint's ``weight_g_idx``.
 """
 
 from __future__ import annotations
