@@ -156,24 +156,14 @@ def _quantize(source, method: str, cfg, calibration, args, out: Path) -> tuple[P
 
 
 def _parse_try(text: str) -> tuple[str, dict]:
+    from quantlab.cli import _value
+
     method, _, body = text.partition(":")
     settings = {}
     for item in filter(None, body.split(",")):
         key, _, value = item.partition("=")
-        settings[key] = _value(value)
+        settings[key] = _value(value)  # a bool, a number or the text, by its shape
     return method, settings
-
-
-def _value(text: str):
-    """A ``--try`` setting's value: a boolean, an integer, a float, else the text."""
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def heldout(args) -> int:

@@ -27,6 +27,7 @@ __all__ = [
     "check_bits_and_group",
     "dequantize",
     "fake_quantize",
+    "grid_range",
     "natural_g_idx",
     "quantize_codes",
     "quantize_groups",
@@ -55,18 +56,23 @@ def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:
     ).float()
 
 
-def scale_zero(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row scale and integer zero point of ``w`` (rows, cols), each (rows, 1) float32."""
-    maxq = 2**bits - 1
-    lo, hi = torch.aminmax(w.float(), dim=1, keepdim=True)
+def grid_range(w: torch.Tensor, sym: bool, dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(xmin, xmax)`` of ``w`` along ``dim`` (kept) by the conventions above: the range
+    contains 0, is symmetric with ``sym``, and is [-1, 1] for an all-zero group."""
+    lo, hi = torch.aminmax(w.float(), dim=dim, keepdim=True)
     xmin = torch.clamp(lo, max=0)
     xmax = torch.clamp(hi, min=0)
     if sym:
         xmax = torch.maximum(-xmin, xmax)
         xmin = torch.where(xmin < 0, -xmax, xmin)
     empty = (xmin == 0) & (xmax == 0)
-    xmin = torch.where(empty, -1.0, xmin)
-    xmax = torch.where(empty, 1.0, xmax)
+    return torch.where(empty, -1.0, xmin), torch.where(empty, 1.0, xmax)
+
+
+def scale_zero(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and integer zero point of ``w`` (rows, cols), each (rows, 1) float32."""
+    maxq = 2**bits - 1
+    xmin, xmax = grid_range(w, sym)
     scale = _fp16_at_least(torch.clamp((xmax - xmin) / maxq, min=2**-24))
     zero = (
         torch.full_like(scale, (maxq + 1) // 2) if sym else (-xmin / scale).round().clamp(0, maxq)

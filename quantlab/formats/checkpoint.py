@@ -212,9 +212,15 @@ class HFCheckpointFormat(Format):
         summaries = {name: WeightSummary.of(qw) for name, qw in result.weights.items()}
         self.check_summaries(summaries, options)
         packed = self.pack_linears(result.weights, options)  # refuses before touching the disk
+        return self.write_folder(request, result, model, summaries, packed)
+
+    def write_folder(self, request: WriteRequest, result, model, summaries, packed) -> Path:
+        """The folder (atomically): the quantized linears' ``packed`` tensors (``summaries``
+        names them), the model's other tensors in the written dtype, config, files, manifest."""
+        options = request.options
         config, stored = source_config(request.source)
         dtype = written_dtype(stored, self.keeps_dtype(options))
-        tensors = state_tensors(model, set(result.weights), dtype, set(result.modified))
+        tensors = state_tensors(model, set(summaries), dtype, set(result.modified))
         tensors.update(packed)
         out = Path(request.out)
         with atomic_directory(out) as tmp:

@@ -381,15 +381,13 @@ class CompressedTensorsFormat(HFCheckpointFormat):
         per-channel scale (`quantize_fp8_rows`), the rest as the other writers write it."""
         import time
 
-        from quantlab.atomic import atomic_directory
-        from quantlab.formats import checkpoint as ckpt
+        from quantlab.formats.checkpoint import WeightSummary
         from quantlab.methods.runner import QuantizationResult
         from quantlab.models import load_model
 
         start = time.perf_counter()
-        source, options = request.source, request.options
-        model = load_model(source)
-        arch = source.folder.arch
+        model = load_model(request.source)
+        arch = request.source.folder.arch
         packed, summaries = {}, {}
         for i in range(len(model.get_submodule(arch.blocks))):
             for linear in arch.linears:
@@ -397,21 +395,10 @@ class CompressedTensorsFormat(HFCheckpointFormat):
                 weight, scale = quantize_fp8_rows(model.get_submodule(name).weight.detach())
                 packed[f"{name}.weight"] = weight.contiguous()
                 packed[f"{name}.weight_scale"] = scale.half().contiguous()
-                summaries[name] = ckpt.WeightSummary(tuple(weight.shape), 8, -1, True, False)
-        config, stored = ckpt.source_config(source)
-        dtype = ckpt.written_dtype(stored, self.keeps_dtype(options))
-        tensors = ckpt.state_tensors(model, set(summaries), dtype, set())
-        tensors.update(packed)
+                summaries[name] = WeightSummary(tuple(weight.shape), 8, -1, True, False)
         seconds = time.perf_counter() - start
         result = QuantizationResult("fp8", FP8Weights(), {}, {}, {}, 0, {}, None, seconds)
-        out = Path(request.out)
-        with atomic_directory(out) as tmp:
-            files = ckpt.save_shards(tensors, tmp, request.max_shard_bytes)
-            self.finish_folder(
-                tmp, result, summaries, ckpt._with_dtype(config, dtype), source, files, options,
-                request.manifest_extra,
-            )  # fmt: skip
-        return out
+        return self.write_folder(request, result, model, summaries, packed)
 
 
 register_format(CompressedTensorsFormat())

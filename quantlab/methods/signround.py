@@ -40,7 +40,7 @@ import torch
 
 from quantlab.errors import ConfigError
 from quantlab.methods.registry import register_method
-from quantlab.primitives import check_bits_and_group, natural_g_idx
+from quantlab.primitives import check_bits_and_group, grid_range, natural_g_idx
 from quantlab.types import QuantizedWeight
 
 
@@ -91,14 +91,8 @@ class _Rounding:
         groups = math.ceil(cols / size)
         pad = groups * size - cols  # zeros: the range contains 0 already
         self.w = torch.nn.functional.pad(w.float(), (0, pad)).reshape(out, groups, size)
-        lo, hi = torch.aminmax(self.w, dim=2)
-        xmin, xmax = lo.clamp(max=0), hi.clamp(min=0)
-        if sym:
-            xmax = torch.maximum(-xmin, xmax)
-            xmin = torch.where(xmin < 0, -xmax, xmin)
-        empty = (xmin == 0) & (xmax == 0)
-        self.xmin = torch.where(empty, -1.0, xmin)
-        self.xmax = torch.where(empty, 1.0, xmax)
+        xmin, xmax = grid_range(self.w, sym, dim=2)
+        self.xmin, self.xmax = xmin.squeeze(2), xmax.squeeze(2)
         self.v = torch.zeros_like(self.w, requires_grad=True)
         self.lo = torch.ones_like(self.xmin, requires_grad=minmax and not sym)
         self.hi = torch.ones_like(self.xmax, requires_grad=minmax)
